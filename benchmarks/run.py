@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Run a method on a benchmark data set the way a user's `imgcluster train` does, and score it.
+
+    python benchmarks/run.py --dataset mnist --method kmeans --seeds 3 [--device cuda]
+
+The data set is written once as folders of image files (class folders; cached under
+~/.cache/imgcluster-bench or --work), trained on with imgcluster.train (a fresh decode cache
+per invocation, so the first seed's decode time is a cold one), and scored with
+imgcluster.evaluate against the folder names. The protocol is the paper's: train and score on
+train+test pooled (DEPICT, MMDC, AE-CM, and the k-means baseline), or train on the train split
+and score the test split with imgcluster.assign (ADC); --protocol overrides it, and `test`
+trains and scores on the test split alone.
+
+One JSON per seed goes to benchmarks/results/ (or --results): ACC, NMI, ARI, the wall time of
+decode / train / assign, training images/s, peak GPU and host memory, the device, the commit
+and this command. `python benchmarks/report.py` turns them into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgcluster import assign, evaluate, train
+from imgcluster.device import resolve_device
+from imgcluster.report import Reporter
+
+import common
+
+PAPER_PROTOCOL = {"adc": "split"}  # everything else: train+test pooled
+
+
+def main() -> None:
+    args = _parse()
+    device = resolve_device(args.device)
+    folders = common.materialise(args.dataset, args.data, args.work)
+    protocol = args.protocol or PAPER_PROTOCOL.get(args.method, "pooled")
+    train_on, score_on = _splits(folders, protocol)
+    params = dict(p.split("=", 1) for p in args.param)
+    batch = f"{common.stamp()}-{args.dataset}-{args.method}"
+    cache = Path(tempfile.mkdtemp(prefix="imgcluster-bench-cache-"))
+    scores = []
+    try:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            record = _one_run(args, device, protocol, train_on, score_on, params, seed, cache)
+            record.update(batch=batch, kind="run", command=common.command_line())
+            common.write_result(record, args.results, f"{batch}-{device.type}-s{seed}")
+            scores.append(record["acc"])
+            print(
+                f"seed {seed}: ACC {record['acc']:.4f} NMI {record['nmi']:.4f} "
+                f"ARI {record['ari']:.4f} in {record['seconds']['total']:.1f} s"
+            )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    if len(scores) > 1:
+        mean, std = statistics.mean(scores), statistics.stdev(scores)
+        print(f"ACC {mean:.4f} ± {std:.4f} over {len(scores)} seeds")
+
+
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dataset", required=True, choices=common.DATASETS)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--k", default=None, help="clusters: the true K (default) or auto")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--protocol", choices=["pooled", "split", "test"])
+    ap.add_argument("--param", action="append", default=[], help="method KEY=VALUE (repeatable)")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--data", type=Path, default=common.DEFAULT_DATA, help="the shared data folder")
+    ap.add_argument(
+        "--work", type=Path, default=common.default_work(), help="materialised data, runs"
+    )
+    ap.add_argument("--results", type=Path, default=common.RESULTS)
+    ap.add_argument("--verbose", action="store_true", help="progress bars on stderr")
+    return ap.parse_args()
+
+
+def _splits(folders: dict[str, Path], protocol: str) -> tuple[list[Path], list[Path] | None]:
+    """(train on, score on): score_on None means score the training labels themselves."""
+    if "all" in folders:  # usps_11k: one pool only
+        if protocol == "split":
+            raise SystemExit("usps_11k has no train/test split")
+        return [folders["all"]], None
+    if protocol == "pooled":
+        return [folders["train"], folders["test"]], None
+    if protocol == "test":
+        return [folders["test"]], None
+    return [folders["train"]], [folders["test"]]
+
+
+def _one_run(
+    args: argparse.Namespace,
+    device: torch.device,
+    protocol: str,
+    train_on: list[Path],
+    score_on: list[Path] | None,
+    params: dict[str, str],
+    seed: int,
+    cache: Path,
+) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reporter = Reporter(quiet=not args.verbose)
+    out = args.work / "runs" / f"{args.dataset}-{args.method}-{protocol}-s{seed}"
+    started = time.perf_counter()
+    auto = args.k == "auto"
+    result = train(
+        [str(p) for p in train_on],
+        "auto" if auto else int(args.k or common.K[args.dataset]),
+        method=args.method,
+        params=params,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        out=out,
+        force=True,
+        seed=seed,
+        device=str(device),
+        cache_dir=cache,
+        compile=args.compile,
+        reporter=reporter,
+    )
+    assign_s = result.timings["label"]
+    labels = result.run_dir / "labels.csv"
+    if score_on is not None:
+        labels = result.run_dir / "test-labels.csv"
+        t0 = time.perf_counter()
+        assign(
+            result.run_dir,
+            [str(p) for p in score_on],
+            out=labels,
+            device=str(device),
+            reporter=reporter,
+        )
+        assign_s += time.perf_counter() - t0
+    ev = evaluate(labels, truth="folders")
+    return {
+        "dataset": args.dataset,
+        "method": args.method,
+        "protocol": protocol,
+        "seed": seed,
+        "k": result.k,
+        "true_k": common.K[args.dataset],
+        "params": params | _shortcuts(args),
+        "train_images": result.images,
+        "scored_images": ev.scored,
+        "acc": ev.acc,
+        "nmi": ev.nmi,
+        "ari": ev.ari,
+        "seconds": {
+            "decode": round(result.timings["find"] + result.timings["decode"], 3),
+            "train": result.timings["fit"],
+            "assign": round(assign_s, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
+        "decode_cache": "cold" if seed == args.first_seed else "warm",
+        "train_images_per_s": _images_per_s(result.run_dir, result.images, result.timings["fit"]),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if device.type == "cuda"
+        else None,
+        "peak_host_mb": common.peak_host_memory_mb(),
+        "image_size": result.image_size,
+        "channels": result.channels,
+        "commit": common.commit(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        **common.machine(device),
+    }
+
+
+def _shortcuts(args: argparse.Namespace) -> dict[str, Any]:
+    given = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "compile": args.compile or None,
+        "k": args.k,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _images_per_s(run_dir: Path, images: int, fit_s: float) -> float:
+    """Mean training throughput of the logged epochs; images / fit time when none is logged."""
+    rates = []
+    for line in (run_dir / "train.log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "images_per_s" in record:
+            rates.append(record["images_per_s"])
+    return round(statistics.mean(rates) if rates else images / max(fit_s, 1e-9), 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Batched image augmentation on the training device, with random parameters per image.
+
+Every geometric change (random resized crop, crop and resize back, horizontal
+flip, rotation by an angle or by a multiple of 90°) is folded into one 2×3
+affine matrix per image and applied with a single ``grid_sample``; the colour
+changes (brightness, contrast, saturation, hue, random greyscale) and Gaussian
+noise are tensor ops on the whole batch. Random numbers come from
+``imgcluster.rng``, so a batch augmented under the same key is the same on the
+CPU and on the GPU, and no step waits for the host.
+
+Images are float tensors in [0, 1], N×C×H×W (C = 1 or 3); ``to_float`` turns the
+uint8 cache rows into that. Colour jitter follows torchvision's definitions, in
+the fixed order brightness, contrast, saturation, hue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import rng
+
+_GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
+# columns of the per-image uniform draw
+_SIDE, _RATIO, _CX, _CY, _ANGLE, _QUARTER, _FLIP = range(7)
+_BRIGHT, _CONTRAST, _SAT, _HUE, _GREYP, _PARAMS = range(7, 13)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """What to apply; everything off by default.
+
+    crop: "none"; "resized" (torchvision RandomResizedCrop: area fraction in
+    ``crop_scale``, aspect ratio in ``crop_ratio``); or "square" (a square crop
+    whose side is a fraction of the image, uniform in ``crop_scale`` or drawn
+    from ``crop_sides``, resized back: "random crop then resize").
+    """
+
+    crop: str = "none"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_sides: tuple[float, ...] = ()
+    flip: bool = False
+    rotate: float = 0.0  # degrees: angle uniform in [-rotate, rotate]
+    rotate90: bool = False  # a random multiple of 90°
+    brightness: float = 0.0  # factor uniform in [1 - b, 1 + b]
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0  # shift uniform in [-h, h] of the hue circle (h <= 0.5)
+    grey_p: float = 0.0  # probability of turning an image grey
+    noise: float = 0.0  # standard deviation of added Gaussian noise
+    padding: str = "zeros"  # what rotations reveal at the corners: zeros, border, reflection
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("none", "resized", "square"):
+            raise ValueError(f"crop must be none, resized or square, got {self.crop!r}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if any(not 0 < s <= 1 for s in self.crop_sides):
+            raise ValueError(f"crop_sides must be fractions in (0, 1], got {self.crop_sides}")
+        if not 0 <= self.hue <= 0.5 or not 0 <= self.grey_p <= 1:
+            raise ValueError("hue must be in [0, 0.5] and grey_p in [0, 1]")
+        if self.padding not in ("zeros", "border", "reflection"):
+            raise ValueError(f"padding must be zeros, border or reflection, got {self.padding!r}")
+
+    @property
+    def geometric(self) -> bool:
+        return self.crop != "none" or self.flip or self.rotate > 0 or self.rotate90
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×C×H×W -> float32 in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, k: int) -> torch.Tensor:
+    """A randomly changed copy of each image of ``x`` (float, [0, 1]); ``k`` is the batch's key."""
+    # every per-image parameter comes from one draw: a few kernels, not dozens, per batch
+    u = rng.uniform((len(x), _PARAMS), k, x.device)
+    if cfg.geometric:
+        x = F.grid_sample(
+            x, _grid(x, cfg, u), mode="bilinear", padding_mode=cfg.padding, align_corners=False
+        )
+    x = _colour(x, cfg, u)
+    if cfg.noise > 0:
+        x = (x + cfg.noise * rng.normal(tuple(x.shape), rng.key(k, 20), x.device)).clamp_(0, 1)
+    return x
+
+
+def centre_crop(x: torch.Tensor, side: float) -> torch.Tensor:
+    """The centre square of ``side`` × the image, resized back (an inference view)."""
+    if side >= 1:
+        return x
+    theta = x.new_zeros(len(x), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def four_rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image at 0, 90, 180 and 270 degrees (exact), and the rotation labels 0..3."""
+    rotated = torch.cat([torch.rot90(x, r, dims=(2, 3)) for r in range(4)])
+    labels = torch.arange(4, device=x.device).repeat_interleave(len(x))
+    return rotated, labels
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma N×1×H×W of an RGB (or already grey) batch."""
+    if x.shape[1] == 1:
+        return x
+    w = x.new_tensor(_GREY).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+# -- geometry ------------------------------------------------------------------------------
+
+
+def _grid(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
+    """Sampling grid of the per-image affine map: input = centre + S · R · F · output."""
+    n, dev = len(x), x.device
+    sx, sy, cx, cy = _crop_boxes(n, cfg, u, dev)
+    angle = torch.zeros(n, device=dev)
+    if cfg.rotate > 0:
+        angle = angle + math.radians(cfg.rotate) * (2 * u[:, _ANGLE] - 1)
+    if cfg.rotate90:
+        angle = angle + (math.pi / 2) * (u[:, _QUARTER] * 4).floor().clamp_max(3)
+    flip = torch.ones(n, device=dev)
+    if cfg.flip:
+        flip = torch.where(u[:, _FLIP] < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [
+            torch.stack([sx * cos * flip, -sx * sin, cx], 1),
+            torch.stack([sy * sin * flip, sy * cos, cy], 1),
+        ],
+        1,
+    )
+    return F.affine_grid(theta, list(x.shape), align_corners=False)
+
+
+def _crop_boxes(
+    n: int, cfg: AugmentConfig, u: torch.Tensor, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half-sizes (sx, sy) and centres (cx, cy) of the crops in normalised coordinates."""
+    if cfg.crop == "none":
+        one, zero = torch.ones(n, device=dev), torch.zeros(n, device=dev)
+        return one, one, zero, zero
+    lo, hi = cfg.crop_scale
+    if cfg.crop == "resized":
+        area = lo + (hi - lo) * u[:, _SIDE]
+        log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, _RATIO])
+        sx = torch.sqrt(area * ratio).clamp_max_(1.0)
+        sy = torch.sqrt(area / ratio).clamp_max_(1.0)
+    elif cfg.crop_sides:
+        sides = torch.tensor(cfg.crop_sides, device=dev)
+        sx = sy = sides[(u[:, _SIDE] * len(sides)).long().clamp_max(len(sides) - 1)]
+    else:
+        sx = sy = lo + (hi - lo) * u[:, _SIDE]
+    cx = (1 - sx) * (2 * u[:, _CX] - 1)
+    cy = (1 - sy) * (2 * u[:, _CY] - 1)
+    return sx, sy, cx, cy
+
+
+# -- colour --------------------------------------------------------------------------------
+
+
+def _factor(u: torch.Tensor, amount: float) -> torch.Tensor:
+    """Per-image factors uniform in [max(0, 1 - amount), 1 + amount], shaped N×1×1×1."""
+    lo = max(0.0, 1 - amount)
+    return (lo + (1 + amount - lo) * u).view(-1, 1, 1, 1)
+
+
+def _colour(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
+    rgb = x.shape[1] == 3
+    if cfg.brightness > 0:
+        x = (x * _factor(u[:, _BRIGHT], cfg.brightness)).clamp_(0, 1)
+    if cfg.contrast > 0:
+        mean = grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * _factor(u[:, _CONTRAST], cfg.contrast) + mean).clamp_(0, 1)
+    if cfg.saturation > 0 and rgb:
+        g = grey(x)
+        x = ((x - g) * _factor(u[:, _SAT], cfg.saturation) + g).clamp_(0, 1)
+    if cfg.hue > 0 and rgb:
+        shift = (cfg.hue * (2 * u[:, _HUE] - 1)).view(-1, 1, 1)
+        h, s, v = _rgb_to_hsv(x)
+        x = _hsv_to_rgb(torch.remainder(h + shift, 1.0), s, v)
+    if cfg.grey_p > 0 and rgb:
+        turn = (u[:, _GREYP] < cfg.grey_p).view(-1, 1, 1, 1)
+        x = torch.where(turn, grey(x).expand_as(x), x)
+    return x
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    flat = delta == 0
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, 1.0), 0.0)
+    d = torch.where(flat, 1.0, delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat, 0.0, torch.remainder(h / 6.0, 1.0))
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # sector i takes (r, g, b) from these columns, as colorsys.hsv_to_rgb
+    table = torch.stack(
+        [
+            torch.stack([v, q, p, p, t, v], 1),
+            torch.stack([t, v, v, q, p, p], 1),
+            torch.stack([p, p, t, v, v, q], 1),
+        ],
+        1,
+    )  # N×3×6×H×W
+    index = i[:, None, None].expand(-1, 3, 1, -1, -1)
+    return table.gather(2, index).squeeze(2).clamp_(0, 1)

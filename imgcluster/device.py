@@ -1,0 +1,26 @@
+"""Choosing the torch device from ``--device auto|cpu|cuda[:N]``."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: no CUDA GPU is available here; use --device cpu or auto"
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        return dev
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")

@@ -1,0 +1,209 @@
+"""``export``: sort images into ``DIR/cluster_NN/`` folders and write the labels there.
+
+Nothing is ever overwritten: a name already taken gets a ``-1``, ``-2``... suffix.
+Files appear under their final name only whole (copies are written to a
+temporary name first), and ``move`` renames each file in one atomic step on the
+same file system, so a killed export leaves every image either in its source or
+in its target, whole. Across file systems a move is copy + rename + delete of
+the source; a kill between the last two leaves the image in both places.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_open
+from .errors import UsageError
+from .labels import COLUMNS, read_labels
+from .report import Reporter, show_path
+
+MODES = ("copy", "link", "hardlink", "move")
+FORMATS = ("csv", "json")
+
+
+@dataclass
+class ExportResult:
+    to: Path
+    labels_file: Path
+    exported: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def export(
+    labels_file: Path,
+    to: Path,
+    *,
+    mode: str = "copy",
+    fmt: str = "csv",
+    root: Path | None = None,
+    sheets: bool = False,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Put every labelled image into ``to/cluster_NN/`` by ``mode`` and write the labels there
+    (and contact sheets in ``to/sheets/`` when ``sheets``)."""
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be csv or json, got {fmt!r}")
+    reporter = reporter or Reporter(quiet=True)
+    labels = read_labels(Path(labels_file), root)
+    to = Path(to)
+    _make_dir(to)
+    if sheets:  # drawn from the sources, before a move takes them away
+        from .sheets import write_sheets
+
+        write_sheets(labels, to / "sheets", reporter=reporter)
+    width = max(2, len(str(int(labels.cluster.max(initial=0)))))
+    rows: list[tuple[str, int, float, float, str]] = []
+    skipped: list[tuple[str, str]] = []
+    with reporter.task(f"exporting ({mode})", total=len(labels)) as bar:
+        for i, name in enumerate(labels.paths):
+            src = labels.resolve(name)
+            folder = to / f"cluster_{labels.cluster[i]:0{width}d}"
+            try:
+                placed = place(src, folder, mode)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                skipped.append((str(src), reason))
+                reporter.warn(f"skipped {show_path(src)}: {reason}")
+            else:
+                rows.append(
+                    (
+                        placed.relative_to(to).as_posix(),
+                        int(labels.cluster[i]),
+                        float(labels.confidence[i]),
+                        float(labels.distance[i]),
+                        str(src.absolute()),
+                    )
+                )
+            bar.advance()
+    out = _write_export_labels(to, rows, fmt)
+    return ExportResult(to, out, len(rows), skipped)
+
+
+def place(src: Path, folder: Path, mode: str) -> Path:
+    """Put ``src`` into ``folder`` under its own name or the first free suffixed one."""
+    if not src.is_file():
+        raise OSError(errno.ENOENT, "not found" if not src.exists() else "not a regular file")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = _staged_copy(src, folder) if mode == "copy" else None
+    try:
+        for target in _candidates(folder, src.name):
+            try:
+                _put(src, tmp, target, mode)
+                return target
+            except FileExistsError:
+                continue
+        raise OSError(errno.EEXIST, "no free name")  # pragma: no cover - 10^6 collisions
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def _put(src: Path, tmp: Path | None, target: Path, mode: str) -> None:
+    """One attempt at ``target``; FileExistsError if it is taken."""
+    if mode == "copy":
+        rename_noreplace(tmp, target)  # type: ignore[arg-type]
+    elif mode == "link":
+        os.symlink(src.absolute(), target)
+    elif mode == "hardlink":
+        os.link(src, target)
+    else:
+        _move(src, target)
+
+
+def _move(src: Path, target: Path) -> None:
+    try:
+        rename_noreplace(src, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = _staged_copy(src, target.parent)  # another file system: copy, then delete
+        try:
+            rename_noreplace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        src.unlink()
+
+
+def _staged_copy(src: Path, folder: Path) -> Path:
+    """A full, synced copy of ``src`` under a hidden temporary name in ``folder``."""
+    fd, name = tempfile.mkstemp(prefix=".imgcluster-", suffix=".part", dir=folder)
+    os.close(fd)
+    try:
+        shutil.copy2(src, name)
+        with open(name, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def _candidates(folder: Path, name: str) -> Iterator[Path]:
+    stem, ext = os.path.splitext(name)
+    yield folder / name
+    for n in range(1, 1_000_000):
+        yield folder / f"{stem}-{n}{ext}"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with FileExistsError if ``dst`` exists.
+
+    Uses Linux's renameat2(RENAME_NOREPLACE); elsewhere (or on file systems
+    without it) checks first, which leaves a tiny race with other writers.
+    """
+    if _renameat2 is not None:
+        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _make_dir(to: Path) -> None:
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{show_path(to)}: cannot create the export folder ({exc.strerror})"
+        ) from None
+    if not os.access(to, os.W_OK):
+        raise UsageError(f"{show_path(to)}: the export folder is not writable")
+
+
+def _write_export_labels(
+    to: Path, rows: list[tuple[str, int, float, float, str]], fmt: str
+) -> Path:
+    """``to/labels.csv`` (or .json; a free suffixed name if taken) with a ``source`` column."""
+    import csv
+    import json
+
+    target = next(p for p in _candidates(to, f"labels.{fmt}") if not p.exists())
+    columns = (*COLUMNS, "source")
+    with atomic_open(target, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        if fmt == "json":
+            json.dump([dict(zip(columns, r, strict=True)) for r in rows], fh, indent=1)
+            fh.write("\n")
+        else:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(columns)
+            writer.writerows((p, c, f"{f:.6g}", f"{d:.6g}", s) for p, c, f, d, s in rows)
+    return target

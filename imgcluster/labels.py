@@ -1,0 +1,180 @@
+"""Label files: ``path,cluster,confidence,distance`` as CSV (or the same fields as JSON).
+
+File names that are not valid UTF-8 are written byte for byte (surrogateescape),
+so every name round-trips; names with commas, quotes or newlines are quoted.
+In a run folder the paths are relative to the run's image root, recorded in its
+``config.toml``; ``assign`` writes paths as they were named on the command line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import numpy as np
+
+from .atomic import atomic_open, atomic_path
+from .errors import UsageError
+from .report import show_path
+
+if TYPE_CHECKING:  # importing search loads torch and faiss; export and evaluate need neither
+    from .search import Assignment
+
+COLUMNS = ("path", "cluster", "confidence", "distance")
+
+
+@dataclass
+class Labels:
+    """The rows of a label file, and the folder its relative paths start from."""
+
+    paths: list[str]
+    cluster: np.ndarray
+    confidence: np.ndarray
+    distance: np.ndarray
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def resolve(self, path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else self.root / path
+
+
+def format_rows(paths: Iterable[str], a: Assignment) -> Iterator[tuple[str, int, str, str]]:
+    for path, c, conf, dist in zip(paths, a.cluster, a.confidence, a.distance, strict=True):
+        yield path, int(c), f"{conf:.6g}", f"{dist:.6g}"
+
+
+def open_csv(fh: IO[str]) -> csv.writer:  # type: ignore[valid-type]
+    """A CSV writer with the header written; rows come from ``format_rows``."""
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    return writer
+
+
+class JsonLines:
+    """A writer with csv.writer's ``writerows`` that writes one JSON object per row."""
+
+    def __init__(self, fh: IO[str]) -> None:
+        self.fh = fh
+
+    def writerows(self, rows: Iterable[tuple[str, int, str, str]]) -> None:
+        for path, c, conf, dist in rows:
+            record = {
+                "path": path,
+                "cluster": c,
+                "confidence": float(conf),
+                "distance": float(dist),
+            }
+            self.fh.write(json.dumps(record) + "\n")
+
+
+def write_parquet(path: Path, paths: list[str], a: Assignment) -> bool:
+    """``labels.parquet`` with the CSV's columns, when pyarrow is installed; False otherwise."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    table = pa.table(
+        {
+            "path": [
+                p.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for p in paths
+            ],
+            "cluster": a.cluster,
+            "confidence": a.confidence,
+            "distance": a.distance,
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
+    return True
+
+
+def write_labels(path: Path, paths: list[str], a: Assignment, fmt: str = "csv") -> None:
+    """Write a whole label file atomically, as CSV or JSON."""
+    if fmt == "json":
+        rows = [
+            dict(zip(COLUMNS, (p, int(c), float(f), float(d)), strict=True))
+            for p, c, f, d in zip(paths, a.cluster, a.confidence, a.distance, strict=True)
+        ]
+        with atomic_open(path, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+            fh.write("\n")
+        return
+    with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        open_csv(fh).writerows(format_rows(paths, a))
+
+
+def read_labels(path: Path, root: Path | None = None) -> Labels:
+    """Read a CSV or JSON label file; UsageError for a missing file or wrong columns.
+
+    Relative paths resolve against ``root``, else the image root recorded in a
+    ``config.toml`` beside the file (a run folder), else the current folder.
+    """
+    path = Path(path)
+    try:
+        rows = _read_json_rows(path) if path.suffix.lower() == ".json" else _read_csv_rows(path)
+    except FileNotFoundError:
+        raise UsageError(f"{show_path(path)}: labels file not found") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{show_path(path)}: cannot read labels ({exc})") from None
+    return _to_labels(rows, path, root or run_root(path.parent) or Path.cwd())
+
+
+def run_root(folder: Path) -> Path | None:
+    """The image root recorded in ``folder/config.toml``, if there is one."""
+    try:
+        with open(Path(folder, "config.toml"), "rb") as fh:
+            root = tomllib.load(fh).get("data", {}).get("root")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return Path(root) if isinstance(root, str) else None
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header[:4]) != COLUMNS:
+            raise ValueError(
+                f"expected the columns {','.join(COLUMNS)}, found {','.join(header or [])!r}"
+            )
+        return [row for row in reader if row]
+
+
+def _read_json_rows(path: Path) -> list[list[str]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list) or not all(
+        isinstance(r, dict) and set(COLUMNS) <= set(r) for r in data
+    ):
+        raise ValueError(f"expected a list of objects with the keys {', '.join(COLUMNS)}")
+    return [[r[c] for c in COLUMNS] for r in data]
+
+
+def _to_labels(rows: list[list[str]], path: Path, root: Path) -> Labels:
+    paths, cluster, conf, dist = [], [], [], []
+    for line, row in enumerate(rows, start=2):
+        try:
+            paths.append(str(row[0]))
+            cluster.append(int(row[1]))
+            conf.append(float(row[2]))
+            dist.append(float(row[3]))
+        except (IndexError, ValueError, TypeError):
+            raise UsageError(
+                f"{show_path(path)}: row {line} is not path,cluster,confidence,distance"
+            ) from None
+        if cluster[-1] < 0:
+            raise UsageError(f"{show_path(path)}: row {line} has a negative cluster id")
+    return Labels(
+        paths,
+        np.array(cluster, dtype=np.int64),
+        np.array(conf, dtype=np.float32),
+        np.array(dist, dtype=np.float32),
+        root,
+    )

@@ -1,0 +1,302 @@
+"""AE-CM: an autoencoder with a clustering module (Boubekki, Kampffmeyer, Jenssen, Brefeld,
+Machine Learning 110, 2021; arXiv 2012.03740).
+
+An MLP autoencoder (D-500-500-2000-d) maps each image to a code z. The clustering module
+(CM) on the code is a one-hidden-layer autoencoder whose loss equals a GMM-like soft k-means
+objective: soft assignments γ = softmax(W z), a reconstruction of z from γ and the centroids
+u_k, a sparsity term pushing γ to one-hot, an orthonormality penalty keeping centroids apart,
+and a Dirichlet prior on the cluster weights keeping clusters from emptying. Everything is
+trained jointly with the autoencoder's reconstruction. Read-out: argmax γ, i.e. the largest
+inner product of z with the rows of W.
+
+Losses are normalised per sample (means over the batch), as in the authors' PyTorch
+example, so the weights do not depend on the batch size. Defaults are that example's
+settings (α = 1.1, β = 100, λ = 0.1, batch 256, AdamW lr 1e-3, ε = 1e-3) for every data set;
+the number of epochs is shorter than its 1000 (see docs/methods.md for the measurements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine import DeviceImages, Trainer, make_optimizer, map_batches, prepare
+from ..errors import UsageError
+from ..model import ClusterModel, Preprocessing, register_embedder
+from ..nets import MLPAutoencoder
+from . import register
+from .base import FitContext, Method
+from .kmeans import faiss_kmeans
+
+# -- loss terms (γ: N×K soft assignments, z: N×d codes, u: K×d centroids) --------------------
+
+
+def cm_reconstruction(z: torch.Tensor, z_tilde: torch.Tensor) -> torch.Tensor:
+    """E1 = Σ_i ‖z_i − z̃_i‖² / (n·d), with z̃_i = Σ_k γ_ik u_k."""
+    return (z - z_tilde).pow(2).sum() / z.numel()
+
+
+def cm_sparsity(gamma: torch.Tensor, d: int) -> torch.Tensor:
+    """E2 = Σ_i Σ_k γ_ik (1 − γ_ik) / (n·d): zero only for one-hot assignments."""
+    return (gamma * (1 - gamma)).sum() / (gamma.shape[0] * d)
+
+
+def orthonormality(u: torch.Tensor) -> torch.Tensor:
+    """E3 = Σ_{k,l} (u_kᵀ u_l − δ_kl)²: centroids kept orthonormal (replaces the merging term)."""
+    eye = torch.eye(u.shape[0], device=u.device, dtype=u.dtype)
+    return (u @ u.T - eye).pow(2).sum()
+
+
+def dirichlet_prior(gamma: torch.Tensor, alpha: float) -> torch.Tensor:
+    """E4 = Σ_k (1 − α) log γ̄_k, γ̄_k = (1/n) Σ_i γ_ik: for α > 1 it penalises emptying clusters."""
+    return ((1 - alpha) * torch.log(gamma.mean(0) + 1e-10)).sum()
+
+
+def cm_sparsity_weighted(gamma: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """E2 of the plain CM: Σ_k (Σ_i γ_ik (1 − γ_ik)) ‖u_k‖² / (n·d)."""
+    return ((gamma * (1 - gamma)).sum(0) * u.pow(2).sum(1)).sum() / (gamma.shape[0] * u.shape[1])
+
+
+def cm_merging(gamma: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """E3 of the plain CM: −Σ_{k≠l} (Σ_i γ_ik γ_il) u_kᵀ u_l / (n·d)."""
+    k = u.shape[0]
+    mask = 1 - torch.eye(k, device=u.device, dtype=u.dtype)
+    return -((gamma.T @ gamma) * (u @ u.T) * mask).sum() / (gamma.shape[0] * u.shape[1])
+
+
+def ae_reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's reconstruction error, mean over pixels: (1/nD) Σ ‖x_i − x̂_i‖²."""
+    return (x - x_hat).pow(2).mean()
+
+
+# -- modules ----------------------------------------------------------------------------------
+
+
+class ClusteringModule(nn.Module):
+    """γ = softmax(W z) (K units, no bias, as the authors' example); z̃ = γ U, U = K×d centroids."""
+
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__()
+        self.gamma = nn.Linear(d, k, bias=False)
+        self.mu = nn.Linear(k, d, bias=False)
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.mu.weight.T  # K×d
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gamma = torch.softmax(self.gamma(z), dim=1)
+        return gamma, self.mu(gamma)
+
+
+@register_embedder
+class AECMEmbedder(nn.Module):
+    """uint8 images -> pixels / 255, flattened -> the AE-CM encoder's code z."""
+
+    def __init__(self, in_dim: int, code_dim: int, hidden: list[int]) -> None:
+        super().__init__()
+        self.in_dim, self.code_dim, self.hidden = in_dim, code_dim, list(hidden)
+        self.encoder = MLPAutoencoder(in_dim, code_dim, tuple(hidden)).encoder
+
+    def spec(self) -> dict[str, object]:
+        return {"in_dim": self.in_dim, "code_dim": self.code_dim, "hidden": self.hidden}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x.flatten(1).float() / 255.0)
+
+
+# -- the method -------------------------------------------------------------------------------
+
+
+@dataclass
+class AECMConfig:
+    """Defaults: the authors' PyTorch example (normalised loss), fewer epochs."""
+
+    init: Literal["rand", "pre"] = "rand"  # rand: all jointly from scratch; pre: AE + k-means first
+    epochs: int = 150  # joint training (the example: 1000)
+    batch_size: int = 256
+    code_dim: int = 0  # size of the code z; 0 = K (the example: 10 for MNIST)
+    alpha: float = 1.1  # Dirichlet concentration (> 1 keeps clusters populated)
+    beta: float = 100.0  # weight of the autoencoder's reconstruction
+    lbd: float = 0.1  # weight of the centroid orthonormality penalty
+    lr: float = 1e-3
+    eps: float = 1e-3  # Adam's epsilon (the authors' setting)
+    weight_decay: float = 0.01  # AdamW's default, as the example
+    average: bool = True  # a final epoch whose weights are averaged over its steps
+    pretrain_epochs: int = 100  # init=pre: AE pretraining (SGD lr 0.01, momentum 0.9)
+    cm_epochs: int = 100  # init=pre: clustering module alone on the pretrained codes
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "pretrain_epochs", "cm_epochs"):
+            if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
+                raise UsageError(f"parameter {name} must be >= {1 if name == 'batch_size' else 0}")
+        if self.code_dim < 0:
+            raise UsageError("parameter code_dim must be >= 0 (0 means K)")
+        if self.beta < 0 or self.lbd < 0 or self.lr <= 0:
+            raise UsageError("parameters beta, lbd must be >= 0 and lr > 0")
+
+
+@register
+class AECM(Method):
+    name = "aecm"
+    summary = "AE-CM (Boubekki et al. 2021): MLP autoencoder + GMM-like clustering module"
+    Config = AECMConfig
+
+    def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
+        cfg: AECMConfig = self.config
+        n, c, h, w = images.shape
+        if n < self.k:
+            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        d = cfg.code_dim or self.k
+        data = DeviceImages(images, ctx.device)
+        ae = prepare(MLPAutoencoder(c * h * w, d), ctx.device)
+        cm = prepare(ClusteringModule(d, self.k), ctx.device)
+        trainer = Trainer(ctx, {"ae": ae, "cm": cm})
+        batch = min(cfg.batch_size, n)
+        if cfg.init == "pre":
+            self._pretrain(trainer, data, ae, cm, batch)
+        opt = make_optimizer(
+            "adamw",
+            list(ae.parameters()) + list(cm.parameters()),
+            cfg.lr,
+            ctx.device,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self._joint("joint", cfg.epochs, trainer, data, ae, cm, opt, batch)
+        if cfg.average:
+            self._joint("average", 1, trainer, data, ae, cm, opt, batch, average=True)
+        embedder = AECMEmbedder(c * h * w, d, [500, 500, 2000]).to(ctx.device)
+        embedder.encoder.load_state_dict(ae.encoder.state_dict())
+        return ClusterModel(
+            embedder, cm.gamma.weight.detach(), "ip", Preprocessing(h, c), self.name, asdict(cfg)
+        )
+
+    def _joint(
+        self,
+        phase: str,
+        epochs: int,
+        trainer: Trainer,
+        data: DeviceImages,
+        ae: MLPAutoencoder,
+        cm: ClusteringModule,
+        opt: torch.optim.Optimizer,
+        batch: int,
+        average: bool = False,
+    ) -> None:
+        """Autoencoder and clustering module together; with ``average``, one epoch whose
+        parameters are averaged over its steps (the authors' final "averaging epoch")."""
+        cfg: AECMConfig = self.config
+        params = [*ae.parameters(), *cm.parameters()]
+        steps = -(-data.n // batch)
+        for epoch in trainer.phase(phase, epochs, {"adamw": opt}, steps, batch):
+            counts = torch.zeros(self.k, device=trainer.device)
+            for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
+                x = data.take(idx).flatten(1).float() / 255.0
+                z = ae(x)
+                gamma, z_tilde = cm(z)
+                terms = {
+                    "rec": ae_reconstruction(x, ae.reconstruct(z)),
+                    "e1": cm_reconstruction(z, z_tilde),
+                    "e2": cm_sparsity(gamma, z.shape[1]),
+                    "e3": orthonormality(cm.centroids),
+                    "e4": dirichlet_prior(gamma, cfg.alpha),
+                }
+                loss = (
+                    cfg.beta * terms["rec"]
+                    + terms["e1"]
+                    + terms["e2"]
+                    + cfg.lbd * terms["e3"]
+                    + terms["e4"]
+                )
+                _step(opt, loss)
+                if average:
+                    _running_mean(trainer, params, trainer.step)
+                counts += torch.bincount(gamma.argmax(1), minlength=self.k)
+                trainer.record(len(idx), loss=loss, **terms)
+            trainer.note(sizes=counts.long().tolist())
+        if average and "avg/0" in trainer.extra:
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    p.copy_(trainer.extra[f"avg/{i}"])
+
+    def _pretrain(
+        self,
+        trainer: Trainer,
+        data: DeviceImages,
+        ae: MLPAutoencoder,
+        cm: ClusteringModule,
+        batch: int,
+    ) -> None:
+        """init=pre: AE pretraining, k-means on the codes (μ = centres, W = pinv(centres)), then
+        the clustering module alone on the fixed codes."""
+        cfg: AECMConfig = self.config
+        steps = -(-data.n // batch)
+        sgd = make_optimizer("sgd", ae.parameters(), 0.01, trainer.device, momentum=0.9)
+        for epoch in trainer.phase("pretrain", cfg.pretrain_epochs, {"sgd": sgd}, steps, batch):
+            for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
+                x = data.take(idx).flatten(1).float() / 255.0
+                loss = ae_reconstruction(x, ae.reconstruct(ae(x)))
+                _step(sgd, loss)
+                trainer.record(len(idx), loss=loss)
+        if trainer.entering("cm"):
+            z = map_batches(data, 4096, lambda b: ae(b.flatten(1).float() / 255.0))
+            km = faiss_kmeans(
+                z.cpu().numpy(), self.k, seed=trainer.ctx.seed, epochs=100, restarts=20
+            )
+            centres = torch.from_numpy(km.centroids).to(trainer.device)
+            # the orthonormality penalty wants unit-norm centroids: rescale the code (and so the
+            # centres) once, or λ·E3 starts in the thousands and swamps every other term
+            scale = centres.norm(dim=1).mean().clamp_min(1e-6)
+            with torch.no_grad():
+                last = ae.encoder[-1]
+                last.weight.div_(scale)
+                last.bias.div_(scale)
+                centres = centres / scale
+                cm.mu.weight.copy_(centres.T)
+                cm.gamma.weight.copy_(torch.linalg.pinv(centres).T)
+            trainer.extra["codes"] = z / scale
+        z = trainer.extra.get("codes")  # absent when resuming past the "cm" phase
+        adam = make_optimizer(
+            "adamw",
+            cm.parameters(),
+            cfg.lr,
+            trainer.device,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+        for epoch in trainer.phase("cm", cfg.cm_epochs, {"adamw": adam}, steps, batch):
+            for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
+                zb = z[idx.to(z.device)]
+                gamma, z_tilde = cm(zb)
+                u = cm.centroids
+                loss = (
+                    cm_reconstruction(zb, z_tilde)
+                    + cm_sparsity_weighted(gamma, u)
+                    + cm_merging(gamma, u)
+                    + dirichlet_prior(gamma, cfg.alpha)
+                )
+                _step(adam, loss)
+                trainer.record(len(idx), loss=loss)
+        trainer.extra.pop("codes", None)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+@torch.no_grad()
+def _running_mean(trainer: Trainer, params: list[nn.Parameter], step: int) -> None:
+    """avg ← (avg · s + θ) / (s + 1) over the steps s of the averaging epoch."""
+    for i, p in enumerate(params):
+        key = f"avg/{i}"
+        if step == 0 or key not in trainer.extra:
+            trainer.extra[key] = p.detach().clone()
+        else:
+            trainer.extra[key].mul_(step / (step + 1)).add_(p.detach(), alpha=1 / (step + 1))

@@ -1,0 +1,112 @@
+"""The interface every clustering method implements, and its hyper-parameter handling.
+
+A method is constructed with K and a config dataclass (defaults = the paper's),
+validated up front, and ``fit`` turns the decoded uint8 images (N×C×H×W) into a
+``ClusterModel``. Methods never see files, run folders or the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..engine import Checkpointer
+from ..errors import UsageError
+from ..model import ClusterModel
+from ..report import Reporter
+
+
+@dataclass
+class FitContext:
+    """What a method may use besides the images: where, which seed, how to report, and
+    the engine's settings (see ``imgcluster.engine.Trainer``)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    reporter: Reporter = field(default_factory=lambda: Reporter(quiet=True))
+    log: Callable[[dict[str, Any]], None] = lambda record: None  # one train.log.jsonl line
+    checkpoint: Checkpointer | None = None  # where checkpoints go (None: never saved)
+    resume: bool = False  # continue from ``checkpoint``
+    checkpoint_every: int = 0  # epochs between checkpoints; 0: at most every two minutes
+    compile: bool = False  # torch.compile the networks
+
+
+class Method(ABC):
+    """Base class: subclasses set ``name``, ``summary``, ``Config`` and implement ``fit``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, k: int, config: Any = None) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UsageError(f"k must be a whole number >= 1, got {k!r}")
+        self.k = k
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"config must be a {self.Config.__name__}")
+        validate = getattr(self.config, "validate", None)
+        if validate is not None:
+            validate()
+
+    @abstractmethod
+    def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
+        """Train on ``images`` (uint8 N×C×H×W) and return the model."""
+
+    @classmethod
+    def make_config(cls, overrides: Mapping[str, Any] | None = None) -> Any:
+        """The default config with ``overrides`` applied; strings are converted to the
+        field's type, unknown names and bad values raise UsageError."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls.Config)
+        for key, raw in (overrides or {}).items():
+            if key not in fields:
+                raise UsageError(
+                    f"method {cls.name} has no parameter {key!r}; "
+                    f"its parameters are: {', '.join(fields)}"
+                )
+            values[key] = _coerce(key, raw, hints[key])
+        return cls.Config(**values)
+
+
+def _coerce(key: str, raw: Any, kind: Any) -> Any:
+    """Convert a command-line string (or a TOML value) to the annotated type."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        if raw not in typing.get_args(kind):
+            choices = ", ".join(map(str, typing.get_args(kind)))
+            raise UsageError(f"parameter {key} must be one of {choices}, got {raw!r}")
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if raw in (None, "none", "None"):
+            return None
+        return _coerce(key, raw, options[0])
+    try:
+        if kind is bool:
+            return _to_bool(raw)
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"parameter {key} must be a {kind.__name__}, got {raw!r}") from None
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

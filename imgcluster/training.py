@@ -1,0 +1,365 @@
+"""``train``: find images -> decode (cached) -> fit a method -> write the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import cache, files
+from .autok import DEFAULT_RANGE, AutoK, choose_k
+from .device import resolve_device
+from .engine import Checkpointer
+from .errors import Interrupted, UsageError
+from .labels import Labels, write_labels, write_parquet
+from .methods import FitContext, Method, get_method
+from .model import versions
+from .report import Reporter, show_path
+from .runs import RunFolder, run_name
+from .search import nearest
+from .sheets import write_sheets
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced; ``sizes[c]`` is the number of images in cluster c."""
+
+    run_dir: Path
+    method: str
+    k: int
+    images: int
+    skipped: int
+    sizes: list[int]
+    device: str
+    image_size: int
+    channels: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # find, decode, fit, label, write
+    auto_k: dict[str, Any] | None = None  # the K search, when --k auto
+
+
+def train(
+    inputs: Sequence[str | Path] | None = None,
+    k: int | str | None = None,
+    *,
+    k_range: tuple[int, int] = DEFAULT_RANGE,
+    method: str = "kmeans",
+    params: Mapping[str, Any] | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    out: Path | None = None,
+    runs_dir: Path = Path("runs"),
+    seed: int = 0,
+    device: str = "auto",
+    image_size: int | None = None,
+    force: bool = False,
+    strict: bool = False,
+    use_cache: bool = True,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    compile: bool = False,
+    checkpoint_every: int = 0,
+    resume: Path | None = None,
+    sheets: bool = True,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Cluster the images in ``inputs`` into ``k`` groups and write a run folder.
+
+    ``k="auto"`` chooses K in ``k_range`` without labels first (see ``imgcluster.autok``).
+
+    With ``resume``, continue the unfinished run in that folder with the settings in its
+    ``config.toml`` (``inputs``, ``k`` and the method settings are then taken from there).
+    Parameters are checked before any work starts; see ``imgcluster train --help``.
+    """
+    reporter = reporter or Reporter(quiet=True)
+    if resume is not None:
+        run = RunFolder.reopen(resume)
+        recorded = run.read_config()
+        job = _Job.from_config(recorded, device, compile, checkpoint_every)
+    else:
+        if not inputs or k is None:
+            raise UsageError("name the images to cluster and --k, or --resume a run folder")
+        job = _Job.new(
+            inputs,
+            k,
+            method,
+            params,
+            epochs,
+            batch_size,
+            seed,
+            device,
+            image_size,
+            strict,
+            compile,
+            checkpoint_every,
+            k_range,
+        )
+        recorded = None
+    clock = _Clock()
+    found = files.find_images(list(job.inputs))
+    clock.lap("find")
+    decoded = cache.load_images(
+        found,
+        image_size=job.image_size,
+        use_cache=use_cache,
+        cache_dir=cache_dir,
+        workers=workers,
+        strict=job.strict,
+        reporter=reporter,
+    )
+    clock.lap("decode")
+    n = len(decoded.files)
+    if job.auto_range is not None:
+        job.choose_k(decoded.images, reporter)
+        clock.lap("choose_k")
+    if n < job.k:
+        raise UsageError(f"{n} readable images are fewer than the {job.k} clusters asked for")
+    if recorded is not None:
+        _check_same_images(recorded, decoded, run.path)
+    else:
+        run = RunFolder.create(out, runs_dir, run_name(found.root, job.method), force)
+    return _fit_and_write(job, decoded, run, resume is not None, sheets, reporter, clock)
+
+
+@dataclass
+class _Job:
+    """Everything that decides a run's result, resolved and validated."""
+
+    inputs: list[str]
+    k: int
+    method: str
+    algo: Method
+    seed: int
+    device: torch.device
+    image_size: int | None
+    strict: bool
+    compile: bool
+    checkpoint_every: int
+    auto_range: tuple[int, int] | None = None  # choose K in this range first
+    auto: AutoK | None = None
+
+    def choose_k(self, images: np.ndarray, reporter: Reporter) -> None:
+        assert self.auto_range is not None
+        self.auto = choose_k(images, self.auto_range, self.seed, reporter)
+        self.k = self.auto.k
+        self.algo = type(self.algo)(self.k, self.algo.config)
+
+    @classmethod
+    def new(
+        cls,
+        inputs: Sequence[str | Path],
+        k: int | str,
+        method: str,
+        params: Mapping[str, Any] | None,
+        epochs: int | None,
+        batch_size: int | None,
+        seed: int,
+        device: str,
+        image_size: int | None,
+        strict: bool,
+        compile: bool,
+        checkpoint_every: int,
+        auto_range: tuple[int, int] = DEFAULT_RANGE,
+    ) -> _Job:
+        method_cls = get_method(method)
+        config = method_cls.make_config(_with_shortcuts(method_cls, params, epochs, batch_size))
+        auto = k == "auto"
+        if not auto and not isinstance(k, int):
+            raise UsageError(f"--k must be a whole number >= 1 or 'auto', got {k!r}")
+        algo = method_cls(2 if auto else k, config)  # checks the settings before any work
+        if checkpoint_every < 0:
+            raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+        return cls(
+            [str(p) for p in inputs],
+            algo.k,
+            method,
+            algo,
+            seed,
+            resolve_device(device),
+            image_size,
+            strict,
+            compile,
+            checkpoint_every,
+            auto_range if auto else None,
+        )
+
+    @classmethod
+    def from_config(
+        cls, cfg: dict[str, Any], device: str, compile: bool, checkpoint_every: int
+    ) -> _Job:
+        t = cfg["train"]
+        method_cls = get_method(t["method"])
+        algo = method_cls(int(t["k"]), method_cls.make_config(cfg.get("params", {})))
+        return cls(
+            list(t["inputs"]),
+            int(t["k"]),
+            t["method"],
+            algo,
+            int(t["seed"]),
+            resolve_device(device),
+            int(t["image_size"]),
+            bool(t["strict"]),
+            compile,
+            checkpoint_every,
+        )
+
+
+def _fit_and_write(
+    job: _Job,
+    decoded: cache.Decoded,
+    run: RunFolder,
+    resuming: bool,
+    sheets: bool,
+    reporter: Reporter,
+    clock: _Clock,
+) -> TrainResult:
+    checkpoint = Checkpointer(run.path)
+    if resuming and not checkpoint.exists():
+        raise UsageError(
+            f"{show_path(run.path)}: no checkpoint to resume from "
+            "(the run finished, or stopped before its first checkpoint)"
+        )
+    n = len(decoded.files)
+    try:
+        if not resuming:
+            run.write_config(_settings(job, decoded))
+        ctx = FitContext(
+            job.device,
+            job.seed,
+            reporter,
+            run.log,
+            checkpoint,
+            resuming,
+            job.checkpoint_every,
+            job.compile,
+        )
+        torch.manual_seed(job.seed)
+        np.random.seed(job.seed % 2**32)
+        model = job.algo.fit(decoded.images, ctx)
+        clock.lap("fit")
+        with reporter.task("labelling", total=n) as bar:
+            z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
+        assignment = nearest(z, model.centroids, model.metric, device=job.device)
+        clock.lap("label")
+        model.save(run.path, {"seed": job.seed, "root": str(decoded.root)})
+        run.write_embeddings(z.cpu().numpy())
+        rels = [f.rel for f in decoded.files]
+        write_labels(run.path / "labels.csv", rels, assignment)
+        write_parquet(run.path / "labels.parquet", rels, assignment)  # when pyarrow is installed
+        if sheets:
+            labels = Labels(
+                rels, assignment.cluster, assignment.confidence, assignment.distance, decoded.root
+            )
+            write_sheets(labels, run.path / "sheets", reporter=reporter)
+        clock.lap("write")
+        sizes = np.bincount(assignment.cluster, minlength=job.k).tolist()
+        run.log(
+            {
+                "phase": "done",
+                "images": n,
+                "skipped": len(decoded.skipped),
+                "sizes": sizes,
+                "seconds": round(clock.total(), 3),
+                "timings": clock.laps,
+            }
+        )
+        checkpoint.remove()
+        run.finish()
+    except KeyboardInterrupt:
+        if not checkpoint.exists():
+            run.abandon()
+            raise
+        run.keep_partial()
+        raise Interrupted(
+            f"interrupted; continue with: imgcluster train --resume {run.path}"
+        ) from None
+    except BaseException:
+        if checkpoint.exists():
+            run.keep_partial()  # resumable once the cause is fixed
+        else:
+            run.abandon()
+        raise
+    return TrainResult(
+        run.path,
+        job.method,
+        job.k,
+        n,
+        len(decoded.skipped),
+        sizes,
+        str(job.device),
+        decoded.image_size,
+        decoded.channels,
+        clock.total(),
+        dict(clock.laps),
+        job.auto.to_record() if job.auto else None,
+    )
+
+
+def _check_same_images(recorded: dict[str, Any], decoded: cache.Decoded, path: Path) -> None:
+    data = recorded.get("data", {})
+    if data.get("images") != len(decoded.files) or data.get("channels") != decoded.channels:
+        raise UsageError(
+            f"{show_path(path)}: the images changed since this run started "
+            f"({data.get('images')} then, {len(decoded.files)} now); start a new run"
+        )
+
+
+class _Clock:
+    """Wall time per stage of ``train``."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _with_shortcuts(
+    method_cls: type, params: Mapping[str, Any] | None, epochs: int | None, batch_size: int | None
+) -> dict[str, Any]:
+    """``--epochs`` and ``--batch-size`` are shortcuts for the method parameters of those names."""
+    merged = dict(params or {})
+    names = {f.name for f in dataclasses.fields(method_cls.Config)}
+    for key, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value is None:
+            continue
+        if key not in names:
+            raise UsageError(f"method {method_cls.name} has no {key} setting")
+        merged[key] = value
+    return merged
+
+
+def _settings(job: _Job, decoded: cache.Decoded) -> dict[str, Any]:
+    """Everything that decides the result, resolved, for config.toml."""
+    return {
+        "train": {
+            "inputs": [str(Path(p).absolute()) for p in job.inputs],
+            "k": job.k,
+            "method": job.method,
+            "seed": job.seed,
+            "device": str(job.device),
+            "image_size": decoded.image_size,
+            "strict": job.strict,
+        },
+        "params": dataclasses.asdict(job.algo.config),
+        "auto_k": job.auto.to_record() if job.auto else None,
+        "data": {
+            "root": str(decoded.root),
+            "images": len(decoded.files),
+            "skipped": len(decoded.skipped),
+            "channels": decoded.channels,
+        },
+        "versions": versions(),
+    }

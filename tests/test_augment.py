@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+
+from imgcluster import augment as aug
+from imgcluster import rng
+
+ALL = aug.AugmentConfig(
+    crop="resized",
+    crop_scale=(0.3, 1.0),
+    flip=True,
+    rotate=20,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    hue=0.1,
+    grey_p=0.2,
+    noise=0.05,
+)
+
+
+def _batch(n: int = 16, c: int = 3, size: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_rng_is_uniform_reproducible_and_key_dependent() -> None:
+    u = rng.uniform((100_000,), rng.key(1, 2), "cpu")
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.002
+    assert torch.equal(u, rng.uniform((100_000,), rng.key(1, 2), "cpu"))
+    assert not torch.equal(u, rng.uniform((100_000,), rng.key(1, 3), "cpu"))
+    z = rng.normal((100_000,), rng.key(5), "cpu")
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    p = rng.permutation(1000, rng.key(9), "cpu")
+    assert sorted(p.tolist()) == list(range(1000)) and p.tolist() != list(range(1000))
+    counts = torch.bincount(rng.integers((60_000,), 6, rng.key(4), "cpu"), minlength=6)
+    assert counts.min() > 9_500 and counts.max() < 10_500
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augment_keeps_shape_dtype_and_range(channels: int) -> None:
+    x = aug.to_float(_batch(c=channels))
+    y = aug.augment(x, ALL, rng.key(0, 1))
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= 0 and y.max() <= 1
+    assert not torch.equal(x, y)
+
+
+def test_augment_is_reproducible_under_a_key_and_changes_with_it() -> None:
+    x = aug.to_float(_batch())
+    a = aug.augment(x.clone(), ALL, rng.key(3, 7))
+    assert torch.equal(a, aug.augment(x.clone(), ALL, rng.key(3, 7)))
+    assert not torch.allclose(a, aug.augment(x.clone(), ALL, rng.key(3, 8)))
+
+
+def test_each_image_gets_its_own_parameters() -> None:
+    one = aug.to_float(_batch(n=1)).expand(32, -1, -1, -1).contiguous()
+    out = aug.augment(one, ALL, rng.key(1))
+    flat = out.flatten(1)
+    distinct = {tuple(np.round(row[:64].numpy(), 4)) for row in flat}
+    assert len(distinct) == 32
+
+
+def test_identity_config_changes_nothing() -> None:
+    x = aug.to_float(_batch())
+    assert torch.equal(aug.augment(x.clone(), aug.AugmentConfig(), rng.key(0)), x)
+
+
+def test_flip_and_quarter_turns_are_exact() -> None:
+    x = aug.to_float(_batch(n=64))
+    flipped = aug.augment(x, aug.AugmentConfig(flip=True), rng.key(2))
+    mirrored = (flipped - x.flip(3)).abs().flatten(1).amax(1) < 1e-5
+    same = (flipped - x).abs().flatten(1).amax(1) < 1e-5
+    assert torch.all(mirrored | same) and 10 < mirrored.sum() < 54
+    turned = aug.augment(x, aug.AugmentConfig(rotate90=True), rng.key(3))
+    for i in range(len(x)):
+        assert min((turned[i] - torch.rot90(x[i], r, (1, 2))).abs().max() for r in range(4)) < 1e-4
+
+
+def test_square_crop_from_discrete_sides_zooms_in() -> None:
+    x = torch.zeros(8, 1, 20, 20)
+    x[:, :, :2] = 1.0  # a bright top border that a crop of half the side cannot show fully
+    cfg = aug.AugmentConfig(crop="square", crop_sides=(0.5,))
+    y = aug.augment(x, cfg, rng.key(4))
+    assert y.shape == x.shape and y.mean() < x.mean() * 1.5
+
+
+def test_brightness_and_grey() -> None:
+    x = torch.full((64, 3, 4, 4), 0.5)
+    y = aug.augment(x, aug.AugmentConfig(brightness=0.5), rng.key(5))
+    factors = y[:, 0, 0, 0] / 0.5
+    assert factors.min() >= 0.5 - 1e-6 and factors.max() <= 1.5 + 1e-6 and factors.std() > 0.1
+    colour = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    g = aug.augment(colour, aug.AugmentConfig(grey_p=0.5), rng.key(6))
+    is_grey = (g[:, 0] == g[:, 1]).flatten(1).all(1) & (g[:, 1] == g[:, 2]).flatten(1).all(1)
+    assert 15 < is_grey.sum() < 49
+
+
+def test_hue_conversion_matches_colorsys() -> None:
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    h, s, v = aug._rgb_to_hsv(x)
+    for i in range(8):
+        for j in range(8):
+            ref = colorsys.rgb_to_hsv(*x[0, :, i, j].tolist())
+            got = (h[0, i, j].item(), s[0, i, j].item(), v[0, i, j].item())
+            assert np.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(aug._hsv_to_rgb(h, s, v), x, atol=1e-5)
+
+
+def test_noise_and_four_rotations() -> None:
+    x = torch.full((4, 1, 8, 8), 0.5)
+    y = aug.augment(x, aug.AugmentConfig(noise=0.1), rng.key(7))
+    assert 0.07 < (y - x).std() < 0.13
+    rotated, labels = aug.four_rotations(aug.to_float(_batch(n=3)))
+    assert (
+        rotated.shape == (12, 3, 24, 24)
+        and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    )
+
+
+def test_centre_crop_keeps_the_middle() -> None:
+    x = torch.zeros(2, 1, 16, 16)
+    x[:, :, 4:12, 4:12] = 1.0
+    y = aug.centre_crop(x, 0.5)
+    assert y[..., 2:-2, 2:-2].min() > 0.99 and y.min() > 0.5  # bilinear blends the outer ring
+    assert torch.equal(aug.centre_crop(x, 1.0), x)
+
+
+def test_bad_configs_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        aug.AugmentConfig(crop="zoom")
+    with pytest.raises(ValueError):
+        aug.AugmentConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError):
+        aug.AugmentConfig(hue=0.7)

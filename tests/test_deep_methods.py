@@ -1,0 +1,100 @@
+"""DEPICT and AE-CM on tiny data: they train (the loss falls), write a run folder that reloads,
+and `assign` reproduces their labels. Accuracy is measured by benchmarks/run.py, not here."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgcluster import assign, evaluate, train
+from imgcluster.methods import aecm as cm
+from imgcluster.methods import depict as dp
+from imgcluster.model import ClusterModel
+
+from conftest import make_toy_folder
+
+SHORT = {
+    "depict": {"pretrain_epochs": "6", "head_epochs": "4", "epochs": "6", "batch_size": "16"},
+    "aecm": {"epochs": "25", "batch_size": "16"},
+    "aecm-pre": {
+        "init": "pre",
+        "pretrain_epochs": "5",
+        "cm_epochs": "5",
+        "epochs": "5",
+        "batch_size": "16",
+    },
+}
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train.log.jsonl").read_text().splitlines()]
+
+
+def _labels(path: Path, strip: Path | None = None) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {
+        str(Path(r["path"]).relative_to(strip)) if strip else r["path"]: r["cluster"] for r in rows
+    }
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy_folder(tmp_path_factory.mktemp("deep") / "toy", per_class=16)
+
+
+@pytest.mark.parametrize("name", sorted(SHORT))
+def test_short_run_trains_reloads_and_assigns_the_same(
+    name: str, folder: Path, tmp_path: Path
+) -> None:
+    method = name.split("-")[0]
+    run = train([folder], 3, method=method, params=SHORT[name], out=tmp_path / "run").run_dir
+    log = _log(run)
+    learning = {"depict": "pretrain", "aecm": "joint"}[method]
+    losses = [r["loss"] for r in log if r.get("phase") == learning]
+    assert len(losses) >= 2 and losses[-1] < losses[0]  # it learns
+    main = [r for r in log if r.get("phase") == {"depict": "depict", "aecm": "joint"}[method]]
+    assert main and "sizes" in main[-1]
+    model = ClusterModel.load(run)
+    assert model.method == method and model.metric == "ip" and model.k == 3
+    out = tmp_path / "assigned.csv"
+    assign(run, [folder], out=out)
+    assert _labels(out, folder) == _labels(run / "labels.csv")
+    assert evaluate(run / "labels.csv").acc > 1 / 3  # better than chance on easy data
+
+
+def test_depict_targets() -> None:
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    for rule in ("code", "paper"):
+        q = dp.target_distribution(p, rule)
+        assert torch.allclose(q.sum(1), torch.ones(3))
+        assert (q.argmax(1) == p.argmax(1)).all()
+    code = dp.target_distribution(p, "code")
+    f = p.sum(0)
+    expected = p**2 / f
+    assert torch.allclose(code, expected / expected.sum(1, keepdim=True))
+    assert code[0, 0] > p[0, 0]  # q sharpens confident predictions
+    logits = torch.log(p)
+    assert torch.isclose(dp.cluster_cross_entropy(p, logits), -(p * torch.log(p)).sum(1).mean())
+
+
+def test_aecm_loss_terms() -> None:
+    gamma = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert torch.isclose(cm.cm_sparsity(gamma, d=1), torch.tensor(0.25))
+    assert cm.orthonormality(torch.eye(3)) == 0
+    assert cm.orthonormality(torch.ones(2, 2)) > 0
+    balanced = torch.full((4, 2), 0.5)
+    skewed = torch.tensor([[0.99, 0.01]] * 4)
+    assert cm.dirichlet_prior(skewed, alpha=2.0) > cm.dirichlet_prior(balanced, alpha=2.0)
+    z = torch.randn(5, 3)
+    assert cm.cm_reconstruction(z, z) == 0
+    # the plain CM's terms add up to the expected k-means distortion E1 + E2 + E3 = Σ γ ‖z − u‖²
+    u = torch.randn(2, 3)
+    g = torch.softmax(torch.randn(5, 2), 1)
+    total = cm.cm_reconstruction(z, g @ u) + cm.cm_sparsity_weighted(g, u) + cm.cm_merging(g, u)
+    distortion = (g * torch.cdist(z, u).pow(2)).sum() / z.numel()
+    assert torch.isclose(total, distortion, atol=1e-5)

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgcluster import engine, train
+from imgcluster.errors import Interrupted, UsageError
+
+import toy_method
+
+
+def test_device_images_batches_cover_a_keyed_permutation() -> None:
+    images = np.arange(50 * 2 * 2, dtype=np.uint8).reshape(50, 1, 2, 2)
+    data = engine.DeviceImages(images, torch.device("cpu"))
+    batches = data.epoch(8, k=123)
+    assert [len(b) for b in batches] == [8] * 6  # the partial last batch is dropped
+    seen = torch.cat(batches)
+    assert len(set(seen.tolist())) == 48
+    assert torch.equal(seen, torch.cat(data.epoch(8, k=123)))
+    assert not torch.equal(seen, torch.cat(data.epoch(8, k=124)))
+    assert torch.equal(data.take(torch.tensor([3, 0])), torch.from_numpy(images[[3, 0]]))
+    assert torch.equal(torch.cat(data.in_order(7)), torch.arange(50))
+
+
+def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    for kind in ("sgd", "adam", "adamw"):
+        opt = engine.make_optimizer(
+            kind,
+            engine.param_groups(net, 5e-4),
+            0.1,
+            torch.device("cpu"),
+            **({"momentum": 0.9} if kind == "sgd" else {}),
+        )
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 3)).pow(2).mean().backward()
+            opt.step()
+        flat, meta = engine._optimizer_to_flat("o", opt)
+        ckpt = engine.Checkpointer(tmp_path)
+        ckpt.save(flat, {"o": meta})
+        tensors, loaded = ckpt.load()  # type: ignore[misc]
+        fresh = engine.make_optimizer(
+            kind,
+            engine.param_groups(net, 5e-4),
+            0.5,
+            torch.device("cpu"),
+            **({"momentum": 0.9} if kind == "sgd" else {}),
+        )
+        engine._optimizer_from_flat("o", fresh, tensors, loaded["o"])
+        a, b = opt.state_dict(), fresh.state_dict()
+        assert a["param_groups"] == b["param_groups"]
+        for pid in a["state"]:
+            for key, value in a["state"][pid].items():
+                assert torch.equal(value, b["state"][pid][key]), (kind, key)
+
+
+def test_param_groups_leave_biases_and_norms_undecayed() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    decay, plain = engine.param_groups(net, 1e-4)
+    assert [p.ndim for p in decay["params"]] == [2] and plain["weight_decay"] == 0.0
+    assert len(plain["params"]) == 3
+    assert engine.scaled_lr(0.05, 512, 128) == pytest.approx(0.2)
+    assert engine.scaled_lr(0.05, 512, 128, "sqrt") == pytest.approx(0.1)
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_deep_method_logs_every_epoch(toy: Path, tmp_path: Path) -> None:
+    result = train([toy], 3, method="toy-ae", out=tmp_path / "run")
+    log = [
+        json.loads(line) for line in (result.run_dir / "train.log.jsonl").read_text().splitlines()
+    ]
+    epochs = [r for r in log if "epoch" in r]
+    assert [(r["phase"], r["epoch"]) for r in epochs] == [
+        ("pretrain", 1),
+        ("pretrain", 2),
+        ("cluster", 1),
+        ("cluster", 2),
+    ]
+    assert all(r["images"] == 32 and r["images_per_s"] > 0 and r["loss"] > 0 for r in epochs)
+    assert {"recon", "pull", "lr"} <= set(epochs[-1])
+    assert not (result.run_dir / "checkpoint.safetensors").exists()  # removed when done
+    assert set(result.timings) == {"find", "decode", "fit", "label", "write"}
+
+
+@pytest.mark.parametrize("stop_at", [3, 6, 9])  # mid pretrain, end of pretrain, mid cluster
+def test_an_interrupted_run_resumes_to_the_same_result(
+    toy: Path, tmp_path: Path, stop_at: int
+) -> None:
+    straight = train([toy], 3, method="toy-ae", out=tmp_path / "straight", seed=5)
+    toy_method._steps[0] = 0
+    toy_method.INTERRUPT_AT.add(stop_at)
+    try:
+        with pytest.raises(Interrupted, match="--resume"):
+            train([toy], 3, method="toy-ae", out=tmp_path / "run", seed=5)
+    finally:
+        toy_method.INTERRUPT_AT.clear()
+    run = tmp_path / "run"
+    assert (run / "checkpoint.safetensors").exists() and not (run / "labels.csv").exists()
+    resumed = train(resume=run)
+    assert resumed.run_dir == run
+    assert (run / "labels.csv").read_text() == (straight.run_dir / "labels.csv").read_text()
+    a, b = _params(run), _params(straight.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    phases = [
+        json.loads(line).get("phase") for line in (run / "train.log.jsonl").read_text().splitlines()
+    ]
+    assert phases.count("done") == 1
+
+
+def test_resume_needs_a_checkpoint(toy: Path, tmp_path: Path) -> None:
+    done = train([toy], 3, method="toy-ae", out=tmp_path / "run").run_dir
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train(resume=done)
+    with pytest.raises(UsageError, match="not a run folder"):
+        train(resume=tmp_path)

@@ -1,0 +1,239 @@
+"""train -> assign -> evaluate -> export on tiny generated data, through the Python API."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgcluster import assign, evaluate, export, train
+from imgcluster.errors import UsageError
+from imgcluster.exporting import place, rename_noreplace
+from imgcluster.labels import read_labels
+
+from conftest import make_bad_files, make_toy_folder
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_writes_a_complete_run_folder(toy: Path, tmp_path: Path) -> None:
+    result = train([toy], 3, runs_dir=tmp_path / "runs")
+    run = result.run_dir
+    assert run == tmp_path / "runs" / "toy-kmeans"
+    names = sorted(p.name for p in run.iterdir())
+    expected = [
+        "config.toml",
+        "embeddings.npy",
+        "labels.csv",
+        *(["labels.parquet"] if find_spec("pyarrow") else []),
+        "model.json",
+        "model.safetensors",
+        "sheets",
+        "train.log.jsonl",
+    ]
+    assert names == expected  # and no temporary files left behind
+    rows = _rows(run / "labels.csv")
+    assert list(rows[0]) == ["path", "cluster", "confidence", "distance"]
+    assert len(rows) == 36 and sorted(result.sizes) == [12, 12, 12]
+    assert np.load(run / "embeddings.npy").shape[0] == 36
+    log = [json.loads(line) for line in (run / "train.log.jsonl").read_text().splitlines()]
+    assert log[-1]["phase"] == "done" and log[-1]["images"] == 36
+    assert json.loads((run / "model.json").read_text())["method"] == "kmeans"
+
+
+def test_toy_classes_are_recovered(toy: Path, tmp_path: Path) -> None:
+    run = train([toy], 3, runs_dir=tmp_path / "runs").run_dir
+    ev = evaluate(run / "labels.csv")
+    assert ev.truth == "auto" and ev.classes == ["centre", "left", "top"]
+    assert ev.acc == 1.0 and ev.nmi == pytest.approx(1.0) and ev.ari == pytest.approx(1.0)
+    assert ev.silhouette is not None and ev.silhouette > 0.3
+
+
+def test_runs_are_never_overwritten_without_force(toy: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    first = train([toy], 3, runs_dir=runs).run_dir
+    second = train([toy], 3, runs_dir=runs).run_dir
+    assert second.name == "toy-kmeans-2" and first.exists()
+    with pytest.raises(UsageError, match="--force"):
+        train([toy], 3, out=first)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    train([toy], 2, out=first, force=True)
+    assert (first / "model.safetensors").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.joinpath("runs").iterdir()) == [
+        "toy-kmeans",
+        "toy-kmeans-2",
+    ]
+
+
+def test_a_failed_forced_run_puts_the_old_run_back(toy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train([toy], 3, out=out)
+    before = (out / "labels.csv").read_bytes()
+    with pytest.raises(UsageError):
+        train([toy], 1000, out=out, force=True)  # fails: more clusters than images
+    assert (out / "labels.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "toy"]
+
+
+def test_same_seed_same_labels(toy: Path, tmp_path: Path) -> None:
+    a = train([toy], 3, out=tmp_path / "a", seed=3).run_dir
+    b = train([toy], 3, out=tmp_path / "b", seed=3).run_dir
+    assert (a / "labels.csv").read_text() == (b / "labels.csv").read_text()
+
+
+def test_assign_reproduces_training_labels(toy: Path, tmp_path: Path) -> None:
+    run = train([toy], 3, runs_dir=tmp_path / "runs").run_dir
+    out = tmp_path / "assigned.csv"
+    result = assign(run, [toy], out=out)
+    assert result.images == 36
+    trained = {r["path"]: r["cluster"] for r in _rows(run / "labels.csv")}
+    assigned = {str(Path(r["path"]).relative_to(toy)): r["cluster"] for r in _rows(out)}
+    assert assigned == trained
+
+
+def test_assign_streams_many_chunks_with_workers(tmp_path: Path) -> None:
+    folder = make_toy_folder(tmp_path / "big", per_class=30)
+    run = train([folder], 3, out=tmp_path / "run").run_dir
+    out = tmp_path / "a.csv"
+    assign(run, [folder], out=out, workers=2)
+    trained = {r["path"]: r["cluster"] for r in _rows(run / "labels.csv")}
+    assigned = {str(Path(r["path"]).relative_to(folder)): r["cluster"] for r in _rows(out)}
+    assert assigned == trained
+
+
+def test_bad_files_are_skipped_everywhere(toy: Path, tmp_path: Path) -> None:
+    expected = make_bad_files(toy / "junk")
+    result = train([toy], 3, out=tmp_path / "run")
+    assert result.images == 36 and result.skipped == len(expected)
+    a = assign(result.run_dir, [toy], out=tmp_path / "a.csv")
+    assert a.images == 36 and sorted(Path(p).name for p, _ in a.skipped) == sorted(expected)
+
+
+def test_evaluate_with_a_truth_csv_and_without_truth(toy: Path, tmp_path: Path) -> None:
+    run = train([toy], 3, out=tmp_path / "run").run_dir
+    truth = tmp_path / "truth.csv"
+    rows = _rows(run / "labels.csv")
+    with open(truth, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for r in rows[:30]:  # some images without truth
+            w.writerow([r["path"], r["path"].split("/")[0].upper()])
+    ev = evaluate(run / "labels.csv", truth=str(truth))
+    assert ev.scored == 30 and ev.acc == 1.0 and ev.classes == ["CENTRE", "LEFT", "TOP"]
+    free = evaluate(run / "labels.csv", truth="none")
+    assert (
+        free.acc is None
+        and free.sizes == {0: 12, 1: 12, 2: 12}
+        and free.balance == pytest.approx(1)
+    )
+    with open(truth, "a") as fh:
+        fh.write("not/there.png,X\n")
+    with pytest.raises(UsageError, match="not in the labels"):
+        evaluate(run / "labels.csv", truth=str(truth))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["copy", "link", "hardlink", "move"])
+def test_export_modes(toy: Path, tmp_path: Path, mode: str) -> None:
+    run = train([toy], 3, out=tmp_path / "run").run_dir
+    before = {p.relative_to(toy).as_posix(): _digest(p) for p in toy.rglob("*.png")}
+    result = export(run / "labels.csv", tmp_path / "sorted", mode=mode)
+    assert result.exported == 36 and not result.skipped
+    exported = _rows(result.labels_file)
+    assert list(exported[0]) == ["path", "cluster", "confidence", "distance", "source"]
+    for row in exported:
+        target = tmp_path / "sorted" / row["path"]
+        assert target.parent.name == f"cluster_{int(row['cluster']):02d}"
+        assert _digest(target) == before[Path(row["source"]).relative_to(toy).as_posix()]
+    left = list(toy.rglob("*.png"))
+    assert len(left) == (0 if mode == "move" else 36)
+    if mode == "link":
+        assert all(p.is_symlink() for p in (tmp_path / "sorted").rglob("*.png"))
+
+
+def test_export_never_overwrites_and_suffixes_collisions(tmp_path: Path) -> None:
+    for sub in ("a", "b", "c"):
+        (tmp_path / "src" / sub).mkdir(parents=True)
+        (tmp_path / "src" / sub / "photo.jpg").write_bytes(sub.encode())
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "path,cluster,confidence,distance\n" + "".join(f"{s}/photo.jpg,0,1,0\n" for s in "abc")
+    )
+    dest = tmp_path / "out" / "cluster_00"
+    dest.mkdir(parents=True)
+    (dest / "photo.jpg").write_bytes(b"already here")
+    result = export(labels, tmp_path / "out", root=tmp_path / "src", mode="move")
+    assert result.exported == 3
+    assert (dest / "photo.jpg").read_bytes() == b"already here"
+    assert sorted(p.read_bytes() for p in dest.glob("photo-*.jpg")) == [b"a", b"b", b"c"]
+    assert not list((tmp_path / "src").rglob("*.jpg"))
+    again = export(result.labels_file, tmp_path / "out", root=tmp_path / "out", mode="copy")
+    assert again.labels_file.name == "labels-1.csv"  # the first labels file is kept
+
+
+def test_export_skips_missing_sources(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,cluster,confidence,distance\ngone.png,0,1,0\n")
+    result = export(labels, tmp_path / "out", root=tmp_path)
+    assert result.exported == 0 and result.skipped[0][1] == "not found"
+
+
+def test_rename_noreplace_refuses_to_overwrite(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(a, b)
+    assert a.read_text() == "a" and b.read_text() == "b"
+    rename_noreplace(a, tmp_path / "c")
+    assert not a.exists() and (tmp_path / "c").read_text() == "a"
+
+
+def test_copy_leaves_no_temporary_files(tmp_path: Path) -> None:
+    src = tmp_path / "x.png"
+    src.write_bytes(b"data")
+    first = place(src, tmp_path / "dst", "copy")
+    second = place(src, tmp_path / "dst", "copy")
+    assert [p.name for p in sorted((tmp_path / "dst").iterdir())] == ["x-1.png", "x.png"]
+    assert first.name == "x.png" and second.name == "x-1.png"
+
+
+def test_labels_reader_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        read_labels(tmp_path / "none.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\nx.png,1\n")
+    with pytest.raises(UsageError, match="expected the columns"):
+        read_labels(bad)
+    bad.write_text("path,cluster,confidence,distance\nx.png,one,1,0\n")
+    with pytest.raises(UsageError, match="row 2"):
+        read_labels(bad)
+
+
+def test_odd_file_names_round_trip(tmp_path: Path) -> None:
+    folder = make_toy_folder(tmp_path / "toy", per_class=4)
+    odd = ["with space.png", "new\nline.png", "-leading-dash.png", 'comma,quote".png']
+    src = folder / "top" / "00.png"
+    for name in odd:
+        (folder / "top" / name).write_bytes(src.read_bytes())
+    raw = b"latin1-\xe9.png"  # not valid UTF-8
+    Path(os.fsdecode(os.fsencode(folder / "top") + b"/" + raw)).write_bytes(src.read_bytes())
+    run = train([folder], 3, out=tmp_path / "run").run_dir
+    labels = read_labels(run / "labels.csv")
+    assert len(labels) == 12 + len(odd) + 1
+    for name in [*odd, os.fsdecode(raw)]:
+        assert f"top/{name}" in labels.paths
+    result = export(run / "labels.csv", tmp_path / "sorted", mode="copy")
+    assert result.exported == len(labels)
