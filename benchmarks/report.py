@@ -55,7 +55,9 @@ def main() -> None:
     records = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
     papers = tomllib.loads((common.HERE / "papers.toml").read_text())
     parts = [HEADER]
-    parts += _accuracy_sections([r for r in records if r.get("kind") == "run"], papers)
+    runs = [r for r in records if r.get("kind") == "run"]
+    parts += _accuracy_sections(runs, papers)
+    parts += _autok_section(runs)
     parts += _throughput_section([r for r in records if r.get("kind") == "throughput"])
     parts += _decode_section([r for r in records if r.get("kind") in ("decode", "jpeg-decode")])
     parts += _memory_section([r for r in records if r.get("kind") == "memory"])
@@ -138,6 +140,48 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
             out += notes
         out.append("")
     return out
+
+
+def _autok_section(records: list[dict[str, Any]]) -> list[str]:
+    """For each ``--k auto`` batch: the K chosen per seed, how often it is the true K, and its
+    ACC beside the same method's ACC with the true K (same data set, protocol, device)."""
+    batches = _latest_batches(records)
+    rows = []
+    for batch in batches:
+        r = batch[0]
+        if r.get("params", {}).get("k") != "auto":
+            continue
+        same = {k: v for k, v in r["params"].items() if k != "k"}
+        true_k = [
+            b
+            for b in batches
+            if b[0]["dataset"] == r["dataset"]
+            and b[0]["method"] == r["method"]
+            and b[0]["protocol"] == r["protocol"]
+            and b[0]["device_name"] == r["device_name"]
+            and b[0].get("params", {}) == same
+        ]
+        hits = sum(b["k"] == b["true_k"] for b in batch)
+        rows.append(
+            f"| {r['dataset']} | {r['method']} | {r['true_k']} "
+            f"| {', '.join(str(b['k']) for b in batch)} | {hits} of {len(batch)} "
+            f"| {_mean_std([b['acc'] for b in batch])} "
+            f"| {_mean_std([b['acc'] for b in true_k[0]]) if true_k else '–'} "
+            f"| `{r['commit']}` |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Automatic K\n",
+        "`--k auto` picks K in 2..20 by the silhouette of k-means on a 50-d PCA probe of the "
+        "pixels (imgcluster/autok.py). Rows: the K chosen for each seed, how often that is the "
+        "true K, and ACC with the chosen K beside ACC with the true K (rows above).\n",
+        "| data set | method | true K | chosen K per seed | true K found | ACC (auto) "
+        "| ACC (true K) | commit |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _paper(papers: dict[str, Any], dataset: str, method: str) -> str:
