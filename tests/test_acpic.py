@@ -1,0 +1,40 @@
+"""AC-PIC, DEPICT's initial clustering: recovers well-separated groups, any shape of input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgcluster.methods.acpic import acpic
+from imgcluster.metrics import accuracy
+
+
+def _blobs(n_per: int, centres: list[list[float]], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(c, 0.3, size=(n_per, len(c))) for c in centres])
+    return x.astype(np.float32), np.repeat(np.arange(len(centres)), n_per)
+
+
+def test_recovers_separated_blobs() -> None:
+    x, y = _blobs(60, [[0, 0, 0], [5, 0, 0], [0, 5, 0], [0, 0, 5]])
+    labels = acpic(x, 4)
+    assert sorted(np.unique(labels)) == [0, 1, 2, 3]
+    assert accuracy(y, labels) == 1.0
+
+
+def test_follows_a_manifold_where_kmeans_cuts_it() -> None:
+    # two long parallel lines: k-means splits each across the middle, the path integral does not
+    t = np.linspace(0, 20, 200)
+    x = np.concatenate([np.stack([t, np.zeros_like(t)], 1), np.stack([t, np.full_like(t, 2)], 1)])
+    y = np.repeat([0, 1], 200)
+    assert accuracy(y, acpic(x.astype(np.float32), 2, k=5)) == 1.0
+
+
+def test_disconnected_graph_and_small_inputs() -> None:
+    x, _ = _blobs(5, [[0, 0], [100, 100], [200, 0], [0, 200]])
+    labels = acpic(x, 2, k=3)  # four islands no edge joins, merged down to two
+    assert len(np.unique(labels)) == 2
+    assert acpic(x[:3], 3).tolist() == [0, 1, 2]
+    assert len(np.unique(acpic(np.zeros((10, 2), np.float32), 3))) == 3  # all duplicates
+    with pytest.raises(ValueError, match="cannot make"):
+        acpic(x, 0)
