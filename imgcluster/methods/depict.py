@@ -21,6 +21,7 @@ What we shortened and why is in docs/methods.md.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -188,6 +189,7 @@ class Depict(Method):
         cfg: DepictConfig = self.config
         z = _embed(data, ae).cpu().numpy()
         record: dict[str, object] = {"phase": cfg.init}
+        start = time.perf_counter()
         if cfg.init == "acpic":
             labels = acpic(z, self.k)
             centres = np.stack([z[labels == c].mean(0) for c in range(self.k)])
@@ -203,6 +205,7 @@ class Depict(Method):
             head.bias.zero_()
         trainer.extra["initial_labels"] = torch.from_numpy(labels).to(data.index_device)
         record["sizes"] = np.bincount(labels, minlength=self.k).tolist()
+        record["seconds"] = round(time.perf_counter() - start, 3)
         trainer.ctx.log(record)
 
     def _train_head(
