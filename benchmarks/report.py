@@ -118,7 +118,7 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
                         _mean_std([b["acc"] for b in batch]),
                         _mean_std([b["nmi"] for b in batch]),
                         _mean_std([b["ari"] for b in batch]),
-                        _paper(papers, dataset, r["method"]),
+                        _paper(papers, dataset, r["method"], r["protocol"]),
                         f"{cold[0]:.1f} (cold)"
                         if cold
                         else _mean_std([b["seconds"]["decode"] for b in batch], 1),
@@ -184,8 +184,10 @@ def _autok_section(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _paper(papers: dict[str, Any], dataset: str, method: str) -> str:
-    p = papers.get(dataset, {}).get(method)
+def _paper(papers: dict[str, Any], dataset: str, method: str, protocol: str) -> str:
+    """The paper's figure for this protocol (``[dataset."method@protocol"]``), else its main one."""
+    table = papers.get(dataset, {})
+    p = table.get(f"{method}@{protocol}") or table.get(method)
     if not p:
         return "–"
     acc = f"{p['acc']:.3f}" + (f" ± {p['acc_std']:.3f}" if "acc_std" in p else "")
