@@ -38,3 +38,15 @@ def test_disconnected_graph_and_small_inputs() -> None:
     assert len(np.unique(acpic(np.zeros((10, 2), np.float32), 3))) == 3  # all duplicates
     with pytest.raises(ValueError, match="cannot make"):
         acpic(x, 0)
+
+
+def test_an_outlier_pair_does_not_become_a_cluster() -> None:
+    rng = np.random.default_rng(0)
+    blobs = [rng.normal([0, 0], 0.3, (100, 2)), rng.normal([2, 0], 0.3, (100, 2))]
+    outliers = [[1, 5], [1.05, 5]]  # far from both blobs, each other's nearest neighbour
+    x = np.concatenate([*blobs, outliers]).astype(np.float32)
+    y = np.repeat([0, 1], 100)
+    labels = acpic(x, 2)
+    assert accuracy(y, labels[:200]) == 1.0 and min(np.bincount(labels)) >= 100
+    unguarded = acpic(x, 2, min_size=1)  # what the guard prevents: the two blobs merged
+    assert sorted(np.bincount(unguarded)) == [2, 200]

@@ -27,9 +27,20 @@ NEUMANN_TERMS = 6
 
 
 def acpic(
-    features: np.ndarray, n_clusters: int, k: int = 20, a: float = 1.0, z: float = 0.01
+    features: np.ndarray,
+    n_clusters: int,
+    k: int = 20,
+    a: float = 1.0,
+    z: float = 0.01,
+    min_size: int | None = None,
 ) -> np.ndarray:
-    """Labels 0..n_clusters-1 for the rows of ``features`` (N × D)."""
+    """Labels 0..n_clusters-1 for the rows of ``features`` (N × D).
+
+    A cluster smaller than ``min_size`` (default a tenth of the average size N / n_clusters)
+    is an outlier group: once only ``n_clusters`` clusters are at least that big, two of them
+    are no longer merged with each other, and the small ones are merged into them instead.
+    Without this guard a couple of mutual-neighbour outliers, whose path integral with the
+    rest is tiny, survive as clusters of their own while two real clusters merge."""
     feats = np.ascontiguousarray(features, dtype=np.float32)
     n = len(feats)
     if not 1 <= n_clusters <= n:
@@ -43,7 +54,9 @@ def acpic(
     )
     if parts < n_clusters:  # e.g. many duplicates: start from single points instead
         first = np.arange(n)
-    return _merge(p, first, n_clusters, z)
+    if min_size is None:
+        min_size = max(1, n // (10 * n_clusters))
+    return _merge(p, first, n_clusters, z, min_size)
 
 
 def _transition_matrix(feats: np.ndarray, k: int, a: float) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -78,7 +91,9 @@ def _path_sum(p_s: sp.csr_matrix, y: np.ndarray, z: float) -> np.ndarray:
     return total
 
 
-def _merge(p: sp.csr_matrix, labels: np.ndarray, n_clusters: int, z: float) -> np.ndarray:
+def _merge(
+    p: sp.csr_matrix, labels: np.ndarray, n_clusters: int, z: float, min_size: int
+) -> np.ndarray:
     members = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
     owner = labels.astype(np.int64)
     linked = sp.csr_matrix(p + p.T)
@@ -111,14 +126,26 @@ def _merge(p: sp.csr_matrix, labels: np.ndarray, n_clusters: int, z: float) -> n
         for d in neighbours(c):
             if c < d:
                 push(c, d)
+    big = sum(len(s) >= min_size for s in members.values())
+    deferred: list[tuple[float, int, int, int, int]] = []  # big pairs held back
     while len(members) > n_clusters:
         if not heap:  # parts of the graph that no edge joins: merge the two smallest
             i, j = sorted(members, key=lambda c: (len(members[c]), c))[:2]
         else:
-            _, i, j, vi, vj = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            _, i, j, vi, vj = entry
             if version.get(i) != vi or version.get(j) != vj:
                 continue  # stale: one of them has merged since
+            if big <= n_clusters and min(len(members[i]), len(members[j])) >= min_size:
+                deferred.append(entry)
+                continue
+        big -= (len(members[i]) >= min_size) + (len(members[j]) >= min_size)
         members[i] = np.concatenate([members[i], members.pop(j)])
+        big += len(members[i]) >= min_size
+        if big > n_clusters and deferred:  # a small cluster grew big: big pairs may merge again
+            for entry in deferred:
+                heapq.heappush(heap, entry)
+            deferred.clear()
         owner[members[i]] = i
         version[i] += 1
         del version[j], own[j]
