@@ -46,7 +46,7 @@ def acpic(
     if not 1 <= n_clusters <= n:
         raise ValueError(f"cannot make {n_clusters} clusters of {n} points")
     k = max(1, min(k, n - 1))
-    if n_clusters == n or n < 2:
+    if n_clusters == n:  # (n_clusters <= n, so this also covers a single point)
         return np.arange(n, dtype=np.int64)
     p, nearest = _transition_matrix(feats, k, a)
     parts, first = connected_components(
