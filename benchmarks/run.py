@@ -45,7 +45,8 @@ def main() -> None:
     protocol = args.protocol or PAPER_PROTOCOL.get(args.method, "pooled")
     train_on, score_on = _splits(folders, protocol)
     params = dict(p.split("=", 1) for p in args.param)
-    batch = f"{common.stamp()}-{args.dataset}-{args.method}"
+    label = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
+    batch = f"{common.stamp()}-{args.dataset}-{label.replace(':', '-')}"
     cache = Path(tempfile.mkdtemp(prefix="imgcluster-bench-cache-"))
     scores = []
     try:
@@ -71,6 +72,8 @@ def _parse() -> argparse.Namespace:
     )
     ap.add_argument("--dataset", required=True, choices=common.DATASETS)
     ap.add_argument("--method", required=True)
+    ap.add_argument("--backbone", default="none", help="pretrained features (see imgcluster)")
+    ap.add_argument("--weights", type=Path, help="the backbone's weights file")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--k", default=None, help="clusters: the true K (default) or auto")
     ap.add_argument("--first-seed", type=int, default=0)
@@ -115,13 +118,16 @@ def _one_run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reporter = Reporter(quiet=not args.verbose)
-    out = args.work / "runs" / f"{args.dataset}-{args.method}-{protocol}-s{seed}"
+    tag = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
+    out = args.work / "runs" / f"{args.dataset}-{tag.replace(':', '-')}-{protocol}-s{seed}"
     started = time.perf_counter()
     auto = args.k == "auto"
     result = train(
         [str(p) for p in train_on],
         "auto" if auto else int(args.k or common.K[args.dataset]),
         method=args.method,
+        backbone=args.backbone,
+        weights=args.weights,
         params=params,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -150,6 +156,7 @@ def _one_run(
     return {
         "dataset": args.dataset,
         "method": args.method,
+        "backbone": args.backbone,
         "protocol": protocol,
         "seed": seed,
         "k": result.k,
@@ -162,6 +169,7 @@ def _one_run(
         "ari": ev.ari,
         "seconds": {
             "decode": round(result.timings["find"] + result.timings["decode"], 3),
+            "features": result.timings.get("features"),
             "train": result.timings["fit"],
             "assign": round(assign_s, 3),
             "total": round(time.perf_counter() - started, 3),

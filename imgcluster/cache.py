@@ -57,6 +57,7 @@ def load_images(
     found: ImageList,
     *,
     image_size: int | None = None,
+    max_image_size: int = dec.DEFAULT_MAX_SIZE,
     channels: int | None = None,
     cache_dir: Path | None = None,
     use_cache: bool = True,
@@ -66,7 +67,7 @@ def load_images(
 ) -> Decoded:
     """Decode ``found`` into one array, through the cache unless ``use_cache`` is False.
 
-    ``image_size`` None picks the median shorter side, at most 64 px; ``channels``
+    ``image_size`` None picks the median shorter side, at most ``max_image_size``; ``channels``
     None picks 1 when every image is grey, else 3. Unreadable files are skipped
     with one warning each, or raise ImgclusterError when ``strict``.
     """
@@ -82,7 +83,7 @@ def load_images(
             raise UsageError(
                 f"{show_path(found.root)}: none of the {len(found)} files is a readable image"
             )
-        size = image_size or auto_image_size([probes[f.rel] for f in good])  # type: ignore[misc]
+        size = image_size or auto_image_size([probes[f.rel] for f in good], max_image_size)  # type: ignore[misc]
         chans = channels or (1 if all(probes[f.rel].grey for f in good) else 3)  # type: ignore[union-attr]
         images, kept, failed, reused = _decode_all(good, size, chans, store, pool, reporter)
     skipped = sorted(
@@ -98,15 +99,15 @@ def load_images(
     return Decoded(images, kept, skipped, found.root, size, chans, reused)
 
 
-def auto_image_size(probes: Sequence[dec.Probe]) -> int:
-    """The median shorter side of the images, between 8 and 64 px.
+def auto_image_size(probes: Sequence[dec.Probe], most: int = dec.DEFAULT_MAX_SIZE) -> int:
+    """The median shorter side of the images, between 8 and ``most`` (64) px.
 
     Benchmark sets are 16-32 px and are kept at their own size; photos are
     thousands of pixels and come down to 64 px, which keeps a 100k-image folder
     at 1.2 GB of RGB bytes while the methods' networks still see shapes.
     """
     sides = sorted(min(p.width, p.height) for p in probes)
-    return int(min(dec.DEFAULT_MAX_SIZE, max(8, sides[len(sides) // 2])))
+    return int(min(most, max(8, sides[len(sides) // 2])))
 
 
 def _check_params(image_size: int | None, channels: int | None) -> None:

@@ -164,6 +164,17 @@ def train(
     method: Annotated[
         str, typer.Option(help="Clustering method (see `imgcluster methods`).")
     ] = "kmeans",
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="Cluster a pretrained network's features: none (train on pixels), "
+            "efficientnet-lite0, torchvision:NAME or timm:NAME."
+        ),
+    ] = "none",
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="The backbone's weights as a state-dict file (offline use)."),
+    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option(help="Method hyper-parameter KEY=VALUE (repeatable).", show_default=False),
@@ -227,6 +238,8 @@ def train(
             _parse_k(k),
             k_range=parse_range(k_range),
             method=method,
+            backbone=backbone,
+            weights=weights,
             params=_parse_params(param or []),
             epochs=epochs,
             batch_size=batch_size,

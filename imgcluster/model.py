@@ -251,8 +251,8 @@ def _build_embedder(desc: dict[str, Any], folder: Path) -> nn.Module:
     name = desc["embedder"]["class"]
     cls = _EMBEDDERS.get(name)
     if cls is None:
-        # the methods register their embedders when imported
-        from . import methods  # noqa: F401
+        # the methods and the pretrained-feature mode register their embedders when imported
+        from . import features, methods  # noqa: F401
 
         cls = _EMBEDDERS.get(name)
     if cls is None:

@@ -12,14 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cache, files
+from . import backbones, cache, features, files
 from .autok import DEFAULT_RANGE, AutoK, choose_k
+from .decode import DEFAULT_MAX_SIZE
 from .device import resolve_device
 from .engine import Checkpointer
 from .errors import Interrupted, UsageError
 from .labels import Labels, write_labels, write_parquet
 from .methods import FitContext, Method, get_method
-from .model import versions
+from .model import ClusterModel, Preprocessing, versions
 from .report import Reporter, show_path
 from .runs import RunFolder, run_name
 from .search import nearest
@@ -50,6 +51,8 @@ def train(
     *,
     k_range: tuple[int, int] = DEFAULT_RANGE,
     method: str = "kmeans",
+    backbone: str = "none",
+    weights: Path | None = None,
     params: Mapping[str, Any] | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -72,6 +75,8 @@ def train(
     """Cluster the images in ``inputs`` into ``k`` groups and write a run folder.
 
     ``k="auto"`` chooses K in ``k_range`` without labels first (see ``imgcluster.autok``).
+    ``backbone`` other than "none" clusters that pretrained network's features (see
+    ``imgcluster.backbones``; ``weights`` is a state-dict file for offline use).
 
     With ``resume``, continue the unfinished run in that folder with the settings in its
     ``config.toml`` (``inputs``, ``k`` and the method settings are then taken from there).
@@ -99,6 +104,8 @@ def train(
             compile,
             checkpoint_every,
             k_range,
+            backbone,
+            weights,
         )
         recorded = None
     clock = _Clock()
@@ -107,6 +114,7 @@ def train(
     decoded = cache.load_images(
         found,
         image_size=job.image_size,
+        max_image_size=job.max_image_size(),
         use_cache=use_cache,
         cache_dir=cache_dir,
         workers=workers,
@@ -124,7 +132,10 @@ def train(
         _check_same_images(recorded, decoded, run.path)
     else:
         run = RunFolder.create(out, runs_dir, run_name(found.root, job.method), force)
-    return _fit_and_write(job, decoded, run, resume is not None, sheets, reporter, clock)
+    feature_cache = (cache_dir or cache.default_cache_dir()) if use_cache else None
+    return _fit_and_write(
+        job, decoded, run, resume is not None, sheets, reporter, clock, feature_cache
+    )
 
 
 @dataclass
@@ -143,6 +154,15 @@ class _Job:
     checkpoint_every: int
     auto_range: tuple[int, int] | None = None  # choose K in this range first
     auto: AutoK | None = None
+    backbone: str = "none"  # "none": the method trains on pixels
+    weights: Path | None = None  # the backbone's weights file (None: its own source)
+
+    def max_image_size(self) -> int:
+        """The largest automatic working size: the backbone's input size (smaller images are
+        kept at their size and resized by the backbone), else the pixel methods' 64 px."""
+        if self.backbone == "none":
+            return DEFAULT_MAX_SIZE
+        return backbones.input_size(self.backbone)
 
     def choose_k(self, images: np.ndarray, reporter: Reporter) -> None:
         assert self.auto_range is not None
@@ -166,8 +186,11 @@ class _Job:
         compile: bool,
         checkpoint_every: int,
         auto_range: tuple[int, int] = DEFAULT_RANGE,
+        backbone: str = "none",
+        weights: Path | None = None,
     ) -> _Job:
         method_cls = get_method(method)
+        _check_backbone(method_cls, backbone, weights)
         config = method_cls.make_config(_with_shortcuts(method_cls, params, epochs, batch_size))
         auto = k == "auto"
         if not auto and not isinstance(k, int):
@@ -187,6 +210,8 @@ class _Job:
             compile,
             checkpoint_every,
             auto_range if auto else None,
+            backbone=backbone,
+            weights=Path(weights).absolute() if weights is not None else None,
         )
 
     @classmethod
@@ -196,6 +221,9 @@ class _Job:
         t = cfg["train"]
         method_cls = get_method(t["method"])
         algo = method_cls(int(t["k"]), method_cls.make_config(cfg.get("params", {})))
+        backbone = str(t.get("backbone", "none"))
+        weights = Path(t["weights"]) if t.get("weights") else None
+        _check_backbone(method_cls, backbone, weights)
         return cls(
             list(t["inputs"]),
             int(t["k"]),
@@ -207,6 +235,8 @@ class _Job:
             bool(t["strict"]),
             compile,
             checkpoint_every,
+            backbone=backbone,
+            weights=weights,
         )
 
 
@@ -218,6 +248,7 @@ def _fit_and_write(
     sheets: bool,
     reporter: Reporter,
     clock: _Clock,
+    feature_cache: Path | None,
 ) -> TrainResult:
     checkpoint = Checkpointer(run.path)
     if resuming and not checkpoint.exists():
@@ -241,10 +272,13 @@ def _fit_and_write(
         )
         torch.manual_seed(job.seed)
         np.random.seed(job.seed % 2**32)
-        model = job.algo.fit(decoded.images, ctx)
-        clock.lap("fit")
-        with reporter.task("labelling", total=n) as bar:
-            z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
+        if job.backbone == "none":
+            model = job.algo.fit(decoded.images, ctx)
+            clock.lap("fit")
+            with reporter.task("labelling", total=n) as bar:
+                z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
+        else:
+            model, z = _fit_features(job, decoded, ctx, feature_cache, clock)
         assignment = nearest(z, model.centroids, model.metric, device=job.device)
         clock.lap("label")
         model.save(run.path, {"seed": job.seed, "root": str(decoded.root)})
@@ -301,6 +335,42 @@ def _fit_and_write(
     )
 
 
+def _fit_features(
+    job: _Job, decoded: cache.Decoded, ctx: FitContext, feature_cache: Path | None, clock: _Clock
+) -> tuple[ClusterModel, torch.Tensor]:
+    """Backbone features (cached) -> the method's centroids; the model embeds with the backbone,
+    and the training images' embeddings come from the features already computed."""
+    embedder = features.load_embedder(job.backbone, job.weights, job.device)
+    feats = features.cached_features(
+        embedder,
+        features.weights_id(job.weights),
+        decoded,
+        job.device,
+        feature_cache,
+        ctx.reporter,
+    )
+    clock.lap("features")
+    fit = job.algo.fit_features(feats, ctx)
+    clock.lap("fit")
+    embedder.normalize, embedder.append_one = fit.normalize, fit.append_one
+    z = embedder.finish(torch.from_numpy(feats).to(job.device))
+    config = {**dataclasses.asdict(job.algo.config), "backbone": job.backbone}
+    prep = Preprocessing(decoded.image_size, decoded.channels)
+    model = ClusterModel(embedder, fit.centroids, fit.metric, prep, job.method, config)
+    return model, z
+
+
+def _check_backbone(method_cls: type[Method], backbone: str, weights: Path | None) -> None:
+    if backbone != "none":
+        backbones.check_name(backbone)
+    method_cls.check_input(backbone)
+    if weights is not None:
+        if backbone == "none":
+            raise UsageError("--weights is for a --backbone; this run has none")
+        if not Path(weights).is_file():
+            raise UsageError(f"{weights}: no such weights file")
+
+
 def _check_same_images(recorded: dict[str, Any], decoded: cache.Decoded, path: Path) -> None:
     data = recorded.get("data", {})
     if data.get("images") != len(decoded.files) or data.get("channels") != decoded.channels:
@@ -352,6 +422,8 @@ def _settings(job: _Job, decoded: cache.Decoded) -> dict[str, Any]:
             "device": str(job.device),
             "image_size": decoded.image_size,
             "strict": job.strict,
+            "backbone": job.backbone,
+            **({"weights": str(job.weights)} if job.weights is not None else {}),
         },
         "params": dataclasses.asdict(job.algo.config),
         "auto_k": job.auto.to_record() if job.auto else None,

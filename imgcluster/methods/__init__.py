@@ -33,7 +33,7 @@ def list_methods() -> list[type[Method]]:
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
-from . import aecm, depict, kmeans  # noqa: E402  (they register themselves)
+from . import aecm, depict, kmeans, scan  # noqa: E402  (they register themselves)
 
 __all__ = [
     "FitContext",
@@ -44,4 +44,5 @@ __all__ = [
     "kmeans",
     "list_methods",
     "register",
+    "scan",
 ]

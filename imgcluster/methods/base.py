@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,12 +39,27 @@ class FitContext:
     compile: bool = False  # torch.compile the networks
 
 
+@dataclass
+class FeatureFit:
+    """What a method fitted on frozen backbone features returns: K centroids compared (by
+    ``metric``) with the features, L2-normalised when ``normalize``, with a trailing 1 when
+    ``append_one`` (a linear head's bias as the last centroid coordinate)."""
+
+    centroids: torch.Tensor
+    metric: str
+    normalize: bool = True
+    append_one: bool = False
+
+
 class Method(ABC):
-    """Base class: subclasses set ``name``, ``summary``, ``Config`` and implement ``fit``."""
+    """Base class: subclasses set ``name``, ``summary``, ``Config`` and implement ``fit``
+    (pixels) and/or ``fit_features`` (pretrained features, ``--backbone``)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type]
+    pixels: ClassVar[bool] = True  # trains on decoded images (``--backbone none``)
+    features: ClassVar[bool] = False  # clusters a backbone's features (``--backbone NAME``)
 
     def __init__(self, k: int, config: Any = None) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -57,9 +72,27 @@ class Method(ABC):
         if validate is not None:
             validate()
 
-    @abstractmethod
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         """Train on ``images`` (uint8 N×C×H×W) and return the model."""
+        raise UsageError(f"method {self.name} clusters pretrained features: pass --backbone")
+
+    def fit_features(self, features: np.ndarray, ctx: FitContext) -> FeatureFit:
+        """Cluster ``features`` (float32 N×D, a frozen backbone's pooled output)."""
+        raise UsageError(
+            f"method {self.name} trains its own network on the pixels; use --backbone none"
+        )
+
+    @classmethod
+    def check_input(cls, backbone: str) -> None:
+        """UsageError unless this method can work on ``backbone``'s output ("none": pixels)."""
+        if backbone == "none" and not cls.pixels:
+            raise UsageError(f"method {cls.name} clusters pretrained features: pass --backbone")
+        if backbone != "none" and not cls.features:
+            feature_methods = ", ".join(m.name for m in _feature_methods())
+            raise UsageError(
+                f"method {cls.name} trains its own network on the pixels; with --backbone "
+                f"use one of: {feature_methods}"
+            )
 
     @classmethod
     def make_config(cls, overrides: Mapping[str, Any] | None = None) -> Any:
@@ -76,6 +109,12 @@ class Method(ABC):
                 )
             values[key] = _coerce(key, raw, hints[key])
         return cls.Config(**values)
+
+
+def _feature_methods() -> list[type[Method]]:
+    from . import list_methods
+
+    return [m for m in list_methods() if m.features]
 
 
 def _coerce(key: str, raw: Any, kind: Any) -> Any:

@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..model import ClusterModel, Preprocessing, embed_images, register_embedder
 from ..search import faiss_gpus
 from . import register
-from .base import FitContext, Method
+from .base import FeatureFit, FitContext, Method
 
 _PCA_FLOATS = 50_000_000  # PCA is fitted on at most this many pixel values (200 MB)
 
@@ -61,6 +61,7 @@ class KMeansConfig:
     init: Literal["kmeans++", "random"] = "kmeans++"
     batch_size: int = 4096  # images per embedding batch
     max_points: int = 1_000_000  # k-means is fitted on a random subset of at most this many
+    normalize: bool = True  # with --backbone: L2-normalise the features (cosine geometry)
 
     def validate(self) -> None:
         for name in ("epochs", "restarts", "batch_size", "max_points"):
@@ -73,8 +74,9 @@ class KMeansConfig:
 @register
 class KMeans(Method):
     name = "kmeans"
-    summary = "FAISS k-means on pixels (PCA first when large): the fast baseline"
+    summary = "FAISS k-means on pixels (PCA first when large) or on a backbone's features"
     Config = KMeansConfig
+    features = True
 
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: KMeansConfig = self.config
@@ -87,6 +89,14 @@ class KMeans(Method):
         centroids = self._kmeans(z.cpu().numpy(), ctx)
         prep = Preprocessing(image_size=h, channels=c)
         return ClusterModel(embedder, centroids, "l2", prep, self.name, vars(cfg))
+
+    def fit_features(self, features: np.ndarray, ctx: FitContext) -> FeatureFit:
+        """k-means on the (L2-normalised) features; PCA is not needed at backbone sizes."""
+        z = torch.from_numpy(features)
+        if self.config.normalize:
+            z = torch.nn.functional.normalize(z, dim=1)
+        centroids = self._kmeans(z.numpy(), ctx)
+        return FeatureFit(torch.from_numpy(centroids), "l2", normalize=self.config.normalize)
 
     def _fit_pca(self, images: np.ndarray, ctx: FitContext) -> PixelPCA:
         return fit_pixel_pca(images, self.config.pca_dim, ctx.seed)

@@ -1,0 +1,160 @@
+"""Pretrained-feature mode: decoded images -> a frozen backbone's pooled features, cached.
+
+Features are computed once per (images, backbone, weights) and kept as a .npy next to the
+decode cache, so a second ``train`` on the same folder (another method, K or seed) skips the
+network. ``BackboneEmbedder`` is the same computation as a model part, so ``assign`` embeds new
+images exactly as training did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backbones
+from .atomic import atomic_path
+from .cache import Decoded
+from .model import register_embedder
+from .report import Reporter
+
+FEATURES_VERSION = 1
+
+
+@register_embedder
+class BackboneEmbedder(nn.Module):
+    """uint8 images -> grey to RGB, resize to the backbone's input, its normalisation -> pooled
+    features -> L2-normalised when ``normalize`` -> with a trailing 1 when ``append_one`` (a
+    linear head's bias becomes a centroid coordinate, so argmax(Wf + b) is one inner-product
+    search)."""
+
+    def __init__(self, backbone: str, normalize: bool = True, append_one: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.normalize, self.append_one = backbone, normalize, append_one
+        self.net, spec = backbones.build(backbone)
+        self.input_size = spec.input_size
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def spec(self) -> dict[str, object]:
+        return {
+            "backbone": self.backbone,
+            "normalize": self.normalize,
+            "append_one": self.append_one,
+        }
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # chunks keep the activations of a 1,024-image batch at 224 px within memory
+        chunk = 256 if images.device.type == "cuda" else 32
+        return torch.cat([self.finish(self.pooled(part)) for part in images.split(chunk)])
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's raw pooled features (no normalisation)."""
+        x = images.float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(
+                x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True
+            )
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        if x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.net(x).float()
+        return self.net(x).float()
+
+    def finish(self, f: torch.Tensor) -> torch.Tensor:
+        """Pooled features -> what the centroids are compared with."""
+        if self.normalize:
+            f = F.normalize(f, dim=1)
+        if self.append_one:
+            f = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)
+        return f
+
+
+def load_embedder(backbone: str, weights: Path | None, device: torch.device) -> BackboneEmbedder:
+    """A ``BackboneEmbedder`` holding the backbone's pretrained weights, on ``device``."""
+    embedder = BackboneEmbedder(backbone)
+    net, _ = backbones.load(backbone, weights)
+    embedder.net.load_state_dict(net.state_dict())
+    return embedder.to(device, memory_format=torch.channels_last).eval()
+
+
+@torch.no_grad()
+def extract(
+    embedder: BackboneEmbedder,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 0,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """The raw pooled features of uint8 N×C×H×W ``images``: float32 N×D."""
+    reporter = reporter or Reporter(quiet=True)
+    batch = batch_size or (256 if device.type == "cuda" else 32)
+    out: list[np.ndarray] = []
+    with reporter.task(f"features ({embedder.backbone})", total=len(images)) as bar:
+        for start in range(0, len(images), batch):
+            part = torch.from_numpy(np.asarray(images[start : start + batch])).to(device)
+            out.append(embedder.pooled(part).cpu().numpy())
+            bar.advance(len(part))
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def cached_features(
+    embedder: BackboneEmbedder,
+    weights_id: str,
+    decoded: Decoded,
+    device: torch.device,
+    cache_dir: Path | None,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """``extract`` through a cache file keyed by the backbone, its weights, the working size
+    and the images' root, names, sizes and times; ``cache_dir`` None: no cache."""
+    if cache_dir is None:
+        return extract(embedder, decoded.images, device, reporter=reporter)
+    path = Path(cache_dir, "features", _key(embedder.backbone, weights_id, decoded))
+    if path.is_file():
+        try:
+            cached = np.load(path)
+            if cached.shape[0] == len(decoded.files) and cached.dtype == np.float32:
+                return cached
+        except (OSError, ValueError):
+            pass  # a damaged file is recomputed and replaced
+    feats = extract(embedder, decoded.images, device, reporter=reporter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, feats)
+    return feats
+
+
+def weights_id(weights: Path | None) -> str:
+    """What identifies the pretrained weights: the file's digest, or "default"."""
+    if weights is None:
+        return "default"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key(backbone: str, weights: str, decoded: Decoded) -> str:
+    digest = hashlib.sha256()
+    head = {
+        "v": FEATURES_VERSION,
+        "backbone": backbone,
+        "weights": weights,
+        "size": decoded.image_size,
+        "channels": decoded.channels,
+        "root": str(Path(decoded.root).absolute()),
+    }
+    digest.update(json.dumps(head, sort_keys=True).encode())
+    for f in decoded.files:
+        digest.update(f"{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
+    name = backbone.replace(":", "-").replace("/", "-")
+    return f"{name}-{digest.hexdigest()[:24]}.npy"

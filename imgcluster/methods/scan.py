@@ -1,0 +1,210 @@
+"""SCAN on frozen features (Van Gansbeke et al., "SCAN: Learning to Classify Images without
+Labels", ECCV 2020), the clustering head of the pretrained-feature mode.
+
+SCAN's premise is that an image and its nearest neighbours in a good feature space belong to
+the same class. Its clustering step trains a softmax head so that every image and a mined
+neighbour get the same confident prediction, while an entropy term spreads the images over all
+K clusters; a self-labelling step then trains on the head's own confident predictions. Here the
+backbone stays frozen (a pretrained ImageNet network), so the step trains linear heads on the
+cached features and costs seconds; neighbours are mined once with FAISS. Why SCAN and not TEMI
+or TURTLE: it needs nothing but the features and their neighbours, its loss has one weight
+that its authors kept fixed across data sets, and it picks among its heads by its own loss,
+with no labels (docs/methods.md).
+
+Defaults are the paper's clustering-step settings (20 neighbours, entropy weight 5, 10 heads,
+Adam lr 1e-4, weight decay 1e-4, batch 128) and self-labelling threshold 0.99.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from . import register
+from .base import FeatureFit, FitContext, Method
+
+# -- loss terms (p: B×K softmax outputs) --------------------------------------------------------
+
+
+def consistency(p_anchor: torch.Tensor, p_neighbour: torch.Tensor) -> torch.Tensor:
+    """L_cons = −(1/B) Σ_i log ⟨p_i, p_j(i)⟩: an image and a mined neighbour j(i) should
+    agree, confidently (the inner product is 1 only for the same one-hot prediction)."""
+    dot = (p_anchor * p_neighbour).sum(1)
+    return -torch.log(dot.clamp_min(1e-8)).mean()
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p̄) = −Σ_k p̄_k log p̄_k with p̄ = (1/B) Σ_i p_i: maximal when the batch is spread
+    evenly over the clusters (SCAN subtracts it with weight λ = 5)."""
+    mean = p.mean(0).clamp_min(1e-8)
+    return -(mean * mean.log()).sum()
+
+
+def self_label(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L_self = (1/|C|) Σ_{i∈C} w_{ŷ_i} · CE(logits_i, ŷ_i) over the confident images C
+    (max p > threshold), ŷ_i their own argmax, w inversely proportional to each cluster's share of
+    C so that large clusters do not swallow small ones."""
+    return F.cross_entropy(logits, targets, weight=weights)
+
+
+# -- the method ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SCANConfig:
+    """Defaults: SCAN's clustering step (scan_cifar-10.yml) and self-labelling threshold."""
+
+    neighbours: int = 20  # mined per image (cosine, FAISS)
+    entropy_weight: float = 5.0  # λ
+    heads: int = 10  # trained at once; the one with the lowest loss is kept (no labels)
+    epochs: int = 50  # clustering step
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    self_label_epochs: int = 25  # 0: no self-labelling step
+    threshold: float = 0.99  # confidence needed to become a self-label
+
+    def validate(self) -> None:
+        for name in ("neighbours", "heads", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "self_label_epochs"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
+        if self.entropy_weight < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise UsageError("parameters entropy_weight, weight_decay must be >= 0 and lr > 0")
+        if not 0 < self.threshold < 1:
+            raise UsageError(f"parameter threshold must be in (0, 1), got {self.threshold}")
+
+
+@register
+class SCAN(Method):
+    name = "scan"
+    summary = "SCAN (Van Gansbeke et al. 2020) heads on a pretrained backbone's features"
+    Config = SCANConfig
+    pixels = False
+    features = True
+
+    def fit_features(self, features: np.ndarray, ctx: FitContext) -> FeatureFit:
+        cfg: SCANConfig = self.config
+        n = len(features)
+        if n < self.k:
+            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        gen = torch.Generator().manual_seed(ctx.seed)
+        z = F.normalize(torch.from_numpy(np.ascontiguousarray(features)).float(), dim=1)
+        start = time.perf_counter()
+        neighbours = mine_neighbours(z.numpy(), min(cfg.neighbours, n - 1))
+        ctx.log({"phase": "neighbours", "seconds": round(time.perf_counter() - start, 3)})
+        z = z.to(ctx.device)
+        neighbours = torch.from_numpy(neighbours).to(ctx.device)
+        heads = torch.nn.Linear(z.shape[1], self.k * cfg.heads).to(ctx.device)
+        self._cluster(heads, z, neighbours, gen, ctx)
+        w, b = self._best_head(heads, z, neighbours)
+        head = torch.nn.Linear(z.shape[1], self.k).to(ctx.device)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        self._self_label(head, z, gen, ctx)
+        centroids = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], 1).cpu()
+        return FeatureFit(centroids, "ip", normalize=True, append_one=True)
+
+    def _probs(self, heads: torch.nn.Linear, z: torch.Tensor) -> torch.Tensor:
+        """B×H×K softmax outputs of all heads."""
+        return heads(z).view(len(z), -1, self.k).softmax(-1)
+
+    def _losses(self, p_a: torch.Tensor, p_n: torch.Tensor) -> torch.Tensor:
+        """Per head: L_cons − λ·H(p̄)."""
+        cfg: SCANConfig = self.config
+        return torch.stack(
+            [
+                consistency(p_a[:, h], p_n[:, h]) - cfg.entropy_weight * entropy(p_a[:, h])
+                for h in range(p_a.shape[1])
+            ]
+        )
+
+    def _cluster(
+        self,
+        heads: torch.nn.Linear,
+        z: torch.Tensor,
+        neighbours: torch.Tensor,
+        gen: torch.Generator,
+        ctx: FitContext,
+    ) -> None:
+        cfg: SCANConfig = self.config
+        opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        n = len(z)
+        for epoch in range(cfg.epochs):
+            total = torch.zeros(cfg.heads, device=z.device)
+            for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+                idx = idx.to(z.device)
+                pick = torch.randint(neighbours.shape[1], (len(idx),), generator=gen)
+                nb = neighbours[idx, pick.to(z.device)]
+                losses = self._losses(self._probs(heads, z[idx]), self._probs(heads, z[nb]))
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()  # the heads are independent: one backward for all
+                opt.step()
+                total += losses.detach() * len(idx) / n
+            ctx.log({"phase": "scan", "epoch": epoch + 1, "loss": round(float(total.min()), 5)})
+
+    @torch.no_grad()
+    def _best_head(
+        self, heads: torch.nn.Linear, z: torch.Tensor, neighbours: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head with the lowest SCAN loss over all images and all their neighbours."""
+        cfg: SCANConfig = self.config
+        p = torch.cat([self._probs(heads, part) for part in z.split(4096)])
+        cons = torch.zeros(cfg.heads, device=z.device)
+        for j in range(neighbours.shape[1]):
+            dot = (p * p[neighbours[:, j]]).sum(-1)  # N×H
+            cons -= dot.clamp_min(1e-8).log().mean(0) / neighbours.shape[1]
+        mean = p.mean(0).clamp_min(1e-8)
+        losses = cons + cfg.entropy_weight * (mean * mean.log()).sum(-1)
+        best = int(losses.argmin())
+        w = heads.weight.view(cfg.heads, self.k, -1)[best]
+        b = heads.bias.view(cfg.heads, self.k)[best]
+        return w.clone(), b.clone()
+
+    def _self_label(
+        self, head: torch.nn.Linear, z: torch.Tensor, gen: torch.Generator, ctx: FitContext
+    ) -> None:
+        """Train on the confident predictions (targets refreshed every epoch, as SCAN's)."""
+        cfg: SCANConfig = self.config
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for epoch in range(cfg.self_label_epochs):
+            with torch.no_grad():
+                p = head(z).softmax(1)
+                conf, target = p.max(1)
+                keep = (conf > cfg.threshold).nonzero()[:, 0]
+            if len(keep) == 0:
+                ctx.log({"phase": "self-label", "epoch": epoch + 1, "confident": 0})
+                break
+            counts = torch.bincount(target[keep], minlength=self.k).float()
+            weights = torch.where(counts > 0, len(keep) / (self.k * counts), 0.0)
+            order = keep[torch.randperm(len(keep), generator=gen).to(z.device)]
+            for idx in order.split(cfg.batch_size):
+                loss = self_label(head(z[idx]), target[idx], weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            ctx.log({"phase": "self-label", "epoch": epoch + 1, "confident": len(keep)})
+
+
+def mine_neighbours(z: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` nearest neighbours of each row of the L2-normalised ``z`` by
+    cosine (exact FAISS inner-product search), the row itself left out: N×k int64."""
+    index = faiss.IndexFlatIP(z.shape[1])
+    index.add(np.ascontiguousarray(z, dtype=np.float32))
+    _, found = index.search(np.ascontiguousarray(z, dtype=np.float32), k + 1)
+    rows = np.arange(len(z))[:, None]
+    # drop the row itself (usually column 0; duplicates may put it elsewhere)
+    not_self = found != rows
+    out = np.empty((len(z), k), dtype=np.int64)
+    for i in range(len(z)):
+        out[i] = found[i][not_self[i]][:k]
+    return out
