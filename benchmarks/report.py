@@ -56,8 +56,10 @@ def main() -> None:
     papers = tomllib.loads((common.HERE / "papers.toml").read_text())
     parts = [HEADER]
     runs = [r for r in records if r.get("kind") == "run"]
-    parts += _accuracy_sections(runs, papers)
-    parts += _autok_section(runs)
+    scratch = [r for r in runs if r.get("backbone", "none") == "none"]
+    parts += _accuracy_sections(scratch, papers)
+    parts += _pretrained_section([r for r in runs if r.get("backbone", "none") != "none"])
+    parts += _autok_section(scratch)
     parts += _throughput_section([r for r in records if r.get("kind") == "throughput"])
     parts += _decode_section([r for r in records if r.get("kind") in ("decode", "jpeg-decode")])
     parts += _memory_section([r for r in records if r.get("kind") == "memory"])
@@ -72,12 +74,61 @@ def _latest_batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]
         key = (
             r["dataset"],
             r["method"],
+            r.get("backbone", "none"),
             r["protocol"],
             r["device_name"],
             json.dumps(r.get("params", {}), sort_keys=True),
         )
         groups[key][r["batch"]].append(r)
     return [sorted(b[max(b)], key=lambda r: r["seed"]) for _, b in sorted(groups.items())]
+
+
+def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
+    """Methods on a pretrained backbone's features: their own table, never beside the
+    from-scratch rows (the backbone saw ImageNet's labels)."""
+    if not runs:
+        return []
+    out = [
+        "## Pretrained features (`--backbone`)\n",
+        "The backbone was trained on ImageNet with labels; these rows are not comparable with "
+        "the from-scratch methods above. *features s* is the first seed's extraction "
+        "(cold; later seeds read the feature cache), *features img/s* its rate.\n",
+        "| data set | method | backbone | settings | protocol | images | seeds | ACC | NMI | ARI "
+        "| features s | features img/s | train s | device | date | commit |",
+        "|" + "---|" * 16,
+    ]
+    commands = []
+    for batch in _latest_batches(runs):
+        r = batch[0]
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items()))
+        # the seed that computed the features (later seeds, or an invocation sharing --cache,
+        # read them from the cache in well under a second)
+        feats = max(b["seconds"].get("features") or 0.0 for b in batch)
+        computed = feats >= 1.0
+        out.append(
+            " | ".join(
+                [
+                    f"| {r['dataset']}",
+                    r["method"],
+                    r["backbone"],
+                    settings or "defaults",
+                    r["protocol"],
+                    str(r["scored_images"]),
+                    ", ".join(str(b["seed"]) for b in batch),
+                    _mean_std([b["acc"] for b in batch]),
+                    _mean_std([b["nmi"] for b in batch]),
+                    _mean_std([b["ari"] for b in batch]),
+                    f"{feats:.1f}" if computed else "cached",
+                    f"{r['train_images'] / feats:,.0f}" if computed else "",
+                    _mean_std([b["seconds"]["train"] for b in batch], 1),
+                    r["device_name"],
+                    r["date"],
+                    f"`{r['commit']}` |",
+                ]
+            )
+        )
+        commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: `{r['command']}`")
+    return [*out, "\nCommands:\n", *commands, ""]
 
 
 def _mean_std(values: list[float], digits: int = 3) -> str:

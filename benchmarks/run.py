@@ -47,7 +47,9 @@ def main() -> None:
     params = dict(p.split("=", 1) for p in args.param)
     label = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
     batch = f"{common.stamp()}-{args.dataset}-{label.replace(':', '-')}"
-    cache = Path(tempfile.mkdtemp(prefix="imgcluster-bench-cache-"))
+    # a fresh cache per invocation (the first seed's decode is a cold one) unless --cache names
+    # one to share, e.g. backbone features between a kmeans and a scan invocation
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="imgcluster-bench-cache-"))
     scores = []
     try:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -60,7 +62,8 @@ def main() -> None:
                 f"ARI {record['ari']:.4f} in {record['seconds']['total']:.1f} s"
             )
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        if args.cache is None:
+            shutil.rmtree(cache, ignore_errors=True)
     if len(scores) > 1:
         mean, std = statistics.mean(scores), statistics.stdev(scores)
         print(f"ACC {mean:.4f} ± {std:.4f} over {len(scores)} seeds")
@@ -88,6 +91,7 @@ def _parse() -> argparse.Namespace:
         "--work", type=Path, default=common.default_work(), help="materialised data, runs"
     )
     ap.add_argument("--results", type=Path, default=common.RESULTS)
+    ap.add_argument("--cache", type=Path, help="decode/feature cache to keep and share")
     ap.add_argument("--verbose", action="store_true", help="progress bars on stderr")
     return ap.parse_args()
 
@@ -174,7 +178,7 @@ def _one_run(
             "assign": round(assign_s, 3),
             "total": round(time.perf_counter() - started, 3),
         },
-        "decode_cache": "cold" if seed == args.first_seed else "warm",
+        "decode_cache": "cold" if seed == args.first_seed and args.cache is None else "warm",
         "train_images_per_s": _images_per_s(result.run_dir, result.images, result.timings["fit"]),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         if device.type == "cuda"

@@ -39,7 +39,7 @@ class BackboneSpec:
     """What turns uint8 images into the network's input, and the feature size."""
 
     name: str
-    input_size: int  # images are resized to this square (bilinear) before the network
+    input_size: int  # the square side the network takes
     mean: tuple[float, float, float]  # per channel, on pixels scaled to [0, 1]
     std: tuple[float, float, float]
     dim: int  # length of the pooled feature vector
@@ -168,7 +168,7 @@ def input_size(name: str) -> int:
 def build(name: str) -> tuple[nn.Module, BackboneSpec]:
     """The network (no pretrained weights loaded, eval mode) and its spec."""
     if name == "efficientnet-lite0":
-        # TF-Lite preprocessing: (pixel - 127) / 128, i.e. mean 0.498, std 0.502 on [0, 1]
+        # the TF reference's input scaling: (pixel - 127) / 128, i.e. mean 0.498, std 0.502
         spec = BackboneSpec(name, 224, (127 / 255,) * 3, (128 / 255,) * 3, 1280)  # type: ignore[arg-type]
         return EfficientNetLite0().eval(), spec
     if name.startswith("torchvision:"):

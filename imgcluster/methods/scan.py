@@ -17,6 +17,7 @@ Adam lr 1e-4, weight decay 1e-4, batch 128) and self-labelling threshold 0.99.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -101,7 +102,11 @@ class SCAN(Method):
         start = time.perf_counter()
         neighbours = mine_neighbours(z.numpy(), min(cfg.neighbours, n - 1))
         ctx.log({"phase": "neighbours", "seconds": round(time.perf_counter() - start, 3)})
-        z = z.to(ctx.device)
+        # unit-norm D-dim features have coordinates of about 1/√D; scaled back to about 1 they
+        # are on the scale SCAN's settings (lr 1e-4) were made for, a backbone's raw output
+        # (at unit norm the heads' loss still falls steeply after 50 epochs)
+        scale = math.sqrt(z.shape[1])
+        z = z.to(ctx.device) * scale
         neighbours = torch.from_numpy(neighbours).to(ctx.device)
         heads = torch.nn.Linear(z.shape[1], self.k * cfg.heads).to(ctx.device)
         self._cluster(heads, z, neighbours, gen, ctx)
@@ -111,7 +116,8 @@ class SCAN(Method):
             head.weight.copy_(w)
             head.bias.copy_(b)
         self._self_label(head, z, gen, ctx)
-        centroids = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], 1).cpu()
+        weight = head.weight.detach() * scale  # the read-out takes unit-norm features
+        centroids = torch.cat([weight, head.bias.detach()[:, None]], 1).cpu()
         return FeatureFit(centroids, "ip", normalize=True, append_one=True)
 
     def _probs(self, heads: torch.nn.Linear, z: torch.Tensor) -> torch.Tensor:

