@@ -352,7 +352,10 @@ def _expand_stdin(items: list[str]) -> list[str]:
 @app.command()
 def evaluate(
     labels: Annotated[
-        Path, typer.Argument(help="labels.csv (or .json) to score.", show_default=False)
+        Path,
+        typer.Argument(
+            help="labels.csv (or .json), or a run folder, to score.", show_default=False
+        ),
     ],
     truth: Annotated[
         str,

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import metrics
 from .errors import UsageError
-from .labels import Labels, read_labels
+from .labels import Labels, labels_path, read_labels
 from .report import Reporter, show_path
 
 
@@ -55,7 +55,8 @@ def evaluate(
 ) -> Evaluation:
     """Score ``labels_file``; ``truth`` is "auto", "folders", "none" or a CSV path."""
     reporter = reporter or Reporter(quiet=True)
-    labels = read_labels(Path(labels_file), root)
+    labels_file = labels_path(labels_file)  # a run folder means its labels.csv
+    labels = read_labels(labels_file, root)
     if len(labels) == 0:
         raise UsageError(f"{show_path(labels_file)}: the labels file has no rows")
     result = _label_free(labels, Path(labels_file))

@@ -111,13 +111,22 @@ def write_labels(path: Path, paths: list[str], a: Assignment, fmt: str = "csv") 
         open_csv(fh).writerows(format_rows(paths, a))
 
 
+def labels_path(path: Path) -> Path:
+    """``path``, or the ``labels.csv`` in it when it is a run folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "labels.csv").is_file():
+        return path / "labels.csv"
+    return path
+
+
 def read_labels(path: Path, root: Path | None = None) -> Labels:
     """Read a CSV or JSON label file; UsageError for a missing file or wrong columns.
 
-    Relative paths resolve against ``root``, else the image root recorded in a
+    ``path`` may be a run folder (its ``labels.csv`` is read). Relative paths resolve against
+    ``root``, else the image root recorded in a
     ``config.toml`` beside the file (a run folder), else the current folder.
     """
-    path = Path(path)
+    path = labels_path(path)
     try:
         rows = _read_json_rows(path) if path.suffix.lower() == ".json" else _read_csv_rows(path)
     except FileNotFoundError:

@@ -129,7 +129,7 @@ def test_evaluate_with_a_truth_csv_and_without_truth(toy: Path, tmp_path: Path) 
             w.writerow([r["path"], r["path"].split("/")[0].upper()])
     ev = evaluate(run / "labels.csv", truth=str(truth))
     assert ev.scored == 30 and ev.acc == 1.0 and ev.classes == ["CENTRE", "LEFT", "TOP"]
-    free = evaluate(run / "labels.csv", truth="none")
+    free = evaluate(run, truth="none")  # a run folder means its labels.csv
     assert (
         free.acc is None
         and free.sizes == {0: 12, 1: 12, 2: 12}
