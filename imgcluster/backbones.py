@@ -172,7 +172,7 @@ def build(name: str) -> tuple[nn.Module, BackboneSpec]:
         spec = BackboneSpec(name, 224, (127 / 255,) * 3, (128 / 255,) * 3, 1280)  # type: ignore[arg-type]
         return EfficientNetLite0().eval(), spec
     if name.startswith("torchvision:"):
-        return _torchvision(name.split(":", 1)[1], pretrained=False)[:2]
+        return _torchvision(name.split(":", 1)[1], pretrained=False)
     if name.startswith("timm:"):
         return _timm(name.split(":", 1)[1], pretrained=False)
     check_name(name)
@@ -191,7 +191,7 @@ def load(name: str, weights: Path | None = None) -> tuple[nn.Module, BackboneSpe
         net.load_state_dict(_lite0_weights())
         return net, spec
     if name.startswith("torchvision:"):
-        return _torchvision(name.split(":", 1)[1], pretrained=True)[:2]
+        return _torchvision(name.split(":", 1)[1], pretrained=True)
     if name.startswith("timm:"):
         return _timm(name.split(":", 1)[1], pretrained=True)
     return build(name)  # raises the unknown-name error
@@ -229,7 +229,7 @@ def _load_state(net: nn.Module, state: dict[str, torch.Tensor], path: Path) -> N
     net.load_state_dict(state)
 
 
-def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec, str]:
+def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec]:
     import torchvision
 
     try:
@@ -257,7 +257,7 @@ def _torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec, 
     # rebuilds the network without them and must resize the same way)
     size = int(getattr(default.transforms(), "crop_size", [224])[0]) if default else 224
     spec = BackboneSpec(f"torchvision:{arch}", size, IMAGENET_MEAN, IMAGENET_STD, dim)
-    return net.eval(), spec, arch
+    return net.eval(), spec
 
 
 @contextlib.contextmanager
