@@ -100,7 +100,6 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
     commands = []
     for batch in _latest_batches(runs):
         r = batch[0]
-        settings = ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items()))
         # the seed that computed the features (later seeds, or an invocation sharing --cache,
         # read them from the cache in well under a second)
         feats = max(b["seconds"].get("features") or 0.0 for b in batch)
@@ -111,13 +110,10 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
                     f"| {r['dataset']}",
                     r["method"],
                     r["backbone"],
-                    settings or "defaults",
+                    _settings(r),
                     r["protocol"],
                     str(r["scored_images"]),
-                    ", ".join(str(b["seed"]) for b in batch),
-                    _mean_std([b["acc"] for b in batch]),
-                    _mean_std([b["nmi"] for b in batch]),
-                    _mean_std([b["ari"] for b in batch]),
+                    *_seeds_and_scores(batch),
                     f"{feats:.1f}" if computed else "cached",
                     f"{r['train_images'] / feats:,.0f}" if computed else "",
                     _mean_std([b["seconds"]["train"] for b in batch], 1),
@@ -129,6 +125,19 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
         )
         commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: `{r['command']}`")
     return [*out, "\nCommands:\n", *commands, ""]
+
+
+def _settings(r: dict[str, Any]) -> str:
+    """A run's non-default parameters, "defaults" when none."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items())) or "defaults"
+
+
+def _seeds_and_scores(batch: list[dict[str, Any]]) -> list[str]:
+    """The table cells seeds, ACC, NMI, ARI (mean ± std over the seeds)."""
+    return [
+        ", ".join(str(b["seed"]) for b in batch),
+        *(_mean_std([b[metric] for b in batch]) for metric in ("acc", "nmi", "ari")),
+    ]
 
 
 def _mean_std(values: list[float], digits: int = 3) -> str:
@@ -153,9 +162,7 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
         for batch in by_dataset[dataset]:
             r = batch[0]
             cold = [b["seconds"]["decode"] for b in batch if b.get("decode_cache") == "cold"]
-            settings = (
-                ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items())) or "defaults"
-            )
+            settings = _settings(r)
             if r.get("params", {}).get("k") == "auto":
                 settings += f" (chose K = {', '.join(str(b['k']) for b in batch)})"
             out.append(
@@ -165,10 +172,7 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
                         settings,
                         r["protocol"],
                         str(r["scored_images"]),
-                        ", ".join(str(b["seed"]) for b in batch),
-                        _mean_std([b["acc"] for b in batch]),
-                        _mean_std([b["nmi"] for b in batch]),
-                        _mean_std([b["ari"] for b in batch]),
+                        *_seeds_and_scores(batch),
                         _paper(papers, dataset, r["method"], r["protocol"]),
                         f"{cold[0]:.1f} (cold)"
                         if cold

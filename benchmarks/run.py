@@ -45,8 +45,7 @@ def main() -> None:
     protocol = args.protocol or PAPER_PROTOCOL.get(args.method, "pooled")
     train_on, score_on = _splits(folders, protocol)
     params = dict(p.split("=", 1) for p in args.param)
-    label = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
-    batch = f"{common.stamp()}-{args.dataset}-{label.replace(':', '-')}"
+    batch = f"{common.stamp()}-{args.dataset}-{_tag(args)}"
     # a fresh cache per invocation (the first seed's decode is a cold one) unless --cache names
     # one to share, e.g. backbone features between a kmeans and a scan invocation
     cache = args.cache or Path(tempfile.mkdtemp(prefix="imgcluster-bench-cache-"))
@@ -96,6 +95,12 @@ def _parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def _tag(args: argparse.Namespace) -> str:
+    """The method, with its backbone when there is one, as a file-name part."""
+    tag = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
+    return tag.replace(":", "-")
+
+
 def _splits(folders: dict[str, Path], protocol: str) -> tuple[list[Path], list[Path] | None]:
     """(train on, score on): score_on None means score the training labels themselves."""
     if "all" in folders:  # usps_11k: one pool only
@@ -122,8 +127,7 @@ def _one_run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reporter = Reporter(quiet=not args.verbose)
-    tag = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
-    out = args.work / "runs" / f"{args.dataset}-{tag.replace(':', '-')}-{protocol}-s{seed}"
+    out = args.work / "runs" / f"{args.dataset}-{_tag(args)}-{protocol}-s{seed}"
     started = time.perf_counter()
     auto = args.k == "auto"
     result = train(

@@ -23,7 +23,7 @@ from .cache import Decoded
 from .model import register_embedder
 from .report import Reporter
 
-FEATURES_VERSION = 2  # 2: the weights' eval crop and interpolation
+FEATURES_VERSION = 2  # bump when the computation changes: old cache files are ignored
 
 
 @register_embedder

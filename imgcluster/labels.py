@@ -123,8 +123,8 @@ def read_labels(path: Path, root: Path | None = None) -> Labels:
     """Read a CSV or JSON label file; UsageError for a missing file or wrong columns.
 
     ``path`` may be a run folder (its ``labels.csv`` is read). Relative paths resolve against
-    ``root``, else the image root recorded in a
-    ``config.toml`` beside the file (a run folder), else the current folder.
+    ``root``, else the image root recorded in a ``config.toml`` beside the file (a run
+    folder), else the current folder.
     """
     path = labels_path(path)
     try:
