@@ -31,6 +31,7 @@ import torch
 
 from imgcluster import assign, evaluate, train
 from imgcluster.device import resolve_device
+from imgcluster.engine import CHECKPOINT
 from imgcluster.report import Reporter
 
 import common
@@ -92,6 +93,12 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--results", type=Path, default=common.RESULTS)
     ap.add_argument("--cache", type=Path, help="decode/feature cache to keep and share")
     ap.add_argument("--verbose", action="store_true", help="progress bars on stderr")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="checkpoint every epoch and continue a seed's run stopped part-way (long CPU runs "
+        "spread over several sittings); its times then come from the training log",
+    )
     return ap.parse_args()
 
 
@@ -130,23 +137,32 @@ def _one_run(
     out = args.work / "runs" / f"{args.dataset}-{_tag(args)}-{protocol}-s{seed}"
     started = time.perf_counter()
     auto = args.k == "auto"
-    result = train(
-        [str(p) for p in train_on],
-        "auto" if auto else int(args.k or common.K[args.dataset]),
-        method=args.method,
-        backbone=args.backbone,
-        weights=args.weights,
-        params=params,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        out=out,
-        force=True,
-        seed=seed,
+    resumed = args.resume and (out / CHECKPOINT).is_file()
+    common_args = dict(
         device=str(device),
         cache_dir=cache,
         compile=args.compile,
+        checkpoint_every=1 if args.resume else 0,
         reporter=reporter,
     )
+    if resumed:
+        print(f"seed {seed}: resuming {out}")
+        result = train(resume=out, **common_args)
+    else:
+        result = train(
+            [str(p) for p in train_on],
+            "auto" if auto else int(args.k or common.K[args.dataset]),
+            method=args.method,
+            backbone=args.backbone,
+            weights=args.weights,
+            params=params,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            out=out,
+            force=True,
+            seed=seed,
+            **common_args,
+        )
     assign_s = result.timings["label"]
     labels = result.run_dir / "labels.csv"
     if score_on is not None:
@@ -161,6 +177,10 @@ def _one_run(
         )
         assign_s += time.perf_counter() - t0
     ev = evaluate(labels, truth="folders")
+    decode_s = round(result.timings["find"] + result.timings["decode"], 3)
+    # a resumed run's wall time covers only its last sitting: add up the logged phases instead
+    train_s = _logged_seconds(result.run_dir) if resumed else result.timings["fit"]
+    total_s = decode_s + train_s + assign_s if resumed else time.perf_counter() - started
     return {
         "dataset": args.dataset,
         "method": args.method,
@@ -176,12 +196,13 @@ def _one_run(
         "nmi": ev.nmi,
         "ari": ev.ari,
         "seconds": {
-            "decode": round(result.timings["find"] + result.timings["decode"], 3),
+            "decode": decode_s,
             "features": result.timings.get("features"),
-            "train": result.timings["fit"],
+            "train": train_s,
             "assign": round(assign_s, 3),
-            "total": round(time.perf_counter() - started, 3),
+            "total": round(total_s, 3),
         },
+        "resumed": resumed,
         "decode_cache": "cold" if seed == args.first_seed and args.cache is None else "warm",
         "train_images_per_s": _images_per_s(result.run_dir, result.images, result.timings["fit"]),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -204,6 +225,12 @@ def _shortcuts(args: argparse.Namespace) -> dict[str, Any]:
         "k": args.k,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _logged_seconds(run_dir: Path) -> float:
+    """The training time written in the run's log: every epoch and step of every sitting."""
+    records = [json.loads(line) for line in (run_dir / "train.log.jsonl").read_text().splitlines()]
+    return round(sum(r.get("seconds") or 0 for r in records if r.get("phase") != "done"), 3)
 
 
 def _images_per_s(run_dir: Path, images: int, fit_s: float) -> float:
