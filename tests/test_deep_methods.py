@@ -1,4 +1,4 @@
-"""DEPICT and AE-CM on tiny data: they train (the loss falls), write a run folder that reloads,
+"""DEPICT, AE-CM and ADC on tiny data: they train (the loss falls), write a run folder that reloads,
 and `assign` reproduces their labels. Accuracy is measured by benchmarks/run.py, not here."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from imgcluster import assign, evaluate, train
+from imgcluster.errors import UsageError
+from imgcluster.methods import adc
 from imgcluster.methods import aecm as cm
 from imgcluster.methods import depict as dp
 from imgcluster.model import ClusterModel
@@ -18,6 +20,13 @@ from imgcluster.model import ClusterModel
 from conftest import make_toy_folder
 
 SHORT = {
+    "adc": {
+        "steps": "40",
+        "reg_warmup_steps": "20",
+        "round_steps": "10",
+        "warmup_steps": "10",
+        "batch_size": "16",
+    },
     "depict": {"pretrain_epochs": "6", "head_epochs": "4", "epochs": "6", "batch_size": "16"},
     "aecm": {"epochs": "25", "batch_size": "16"},
     "aecm-pre": {
@@ -54,10 +63,11 @@ def test_short_run_trains_reloads_and_assigns_the_same(
     method = name.split("-")[0]
     run = train([folder], 3, method=method, params=SHORT[name], out=tmp_path / "run").run_dir
     log = _log(run)
-    learning = {"depict": "pretrain", "aecm": "joint"}[method]
+    learning = {"depict": "pretrain", "aecm": "joint", "adc": "cluster"}[method]
     losses = [r["loss"] for r in log if r.get("phase") == learning]
     assert len(losses) >= 2 and losses[-1] < losses[0]  # it learns
-    main = [r for r in log if r.get("phase") == {"depict": "depict", "aecm": "joint"}[method]]
+    main_phase = {"depict": "depict", "aecm": "joint", "adc": "cluster"}[method]
+    main = [r for r in log if r.get("phase") == main_phase]
     assert main and "sizes" in main[-1]
     model = ClusterModel.load(run)
     assert model.method == method and model.metric == "ip" and model.k == 3
@@ -98,3 +108,37 @@ def test_aecm_loss_terms() -> None:
     total = cm.cm_reconstruction(z, g @ u) + cm.cm_sparsity_weighted(g, u) + cm.cm_merging(g, u)
     distortion = (g * torch.cdist(z, u).pow(2)).sum() / z.numel()
     assert torch.isclose(total, distortion, atol=1e-5)
+
+
+def test_adc_association_losses() -> None:
+    e = 10 * torch.eye(2)
+    centroids = torch.stack([e[0], e[0], e[1], e[1]])  # two per cluster
+    labels = torch.tensor([0, 0, 1, 1])
+    # a round trip from a centroid lands on one of its cluster's two: the loss is log 2
+    assert torch.isclose(
+        adc.walker_loss(centroids, e, labels), torch.log(torch.tensor(2.0)), atol=1e-3
+    )
+    assert adc.walker_loss(centroids, e, torch.tensor([0, 1, 0, 1])) > 1.0  # wrong grouping
+    # both images visited evenly: log |B|; only one visited: far more
+    assert torch.isclose(adc.visit_loss(centroids, e), torch.log(torch.tensor(2.0)), atol=1e-3)
+    assert adc.visit_loss(torch.stack([e[0]] * 4), e) > 5.0
+    assert adc.norm_loss(torch.tensor([[3.0, 4.0]]), 5.0) == 0
+    logits = torch.tensor([[5.0, -5.0], [-5.0, 5.0]])
+    assert adc.logit_loss(logits, torch.tensor([0, 1])) < adc.logit_loss(
+        logits, torch.tensor([1, 0])
+    )
+
+
+def test_adc_learning_rate_ramps_and_decays() -> None:
+    cfg = adc.ADCConfig()
+    lr = [adc.learning_rate(s, cfg) for s in (0, cfg.warmup_steps // 2, cfg.warmup_steps)]
+    assert lr[0] < 0.01 * cfg.lr and abs(lr[1] - cfg.lr / 2) < 2e-6 and lr[2] > 0.99 * cfg.lr
+    decayed = adc.learning_rate(cfg.decay_steps + 1, cfg)
+    assert abs(decayed - cfg.decay_factor * cfg.lr) < 1e-5
+
+
+def test_adc_rejects_bad_settings() -> None:
+    with pytest.raises(UsageError, match="reg_warmup_steps"):
+        adc.ADC(3, adc.ADCConfig(steps=100, reg_warmup_steps=100))
+    with pytest.raises(UsageError, match="network"):
+        adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]

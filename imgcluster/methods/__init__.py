@@ -33,11 +33,12 @@ def list_methods() -> list[type[Method]]:
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
-from . import aecm, depict, kmeans, scan  # noqa: E402  (they register themselves)
+from . import adc, aecm, depict, kmeans, scan  # noqa: E402  (they register themselves)
 
 __all__ = [
     "FitContext",
     "Method",
+    "adc",
     "aecm",
     "depict",
     "get_method",

@@ -1,0 +1,353 @@
+"""ADC: associative deep clustering (Haeusser, Plapp, Golkov, Aljalbout, Cremers, GCPR 2018).
+
+A network f embeds images; K·m learnable *centroid variables* (m per cluster) live in the same
+space. Learning by association makes a two-step random walk over dot-product similarities:
+centroids → images → centroids must come back to a centroid of the cluster it started from
+(walker loss), while every image is visited evenly (visit loss). A second walk over augmented
+copies → original images → augmented copies makes the embedding invariant to the
+augmentations. A logit layer is trained on the centroids only; an image's label is the
+argmax of that layer on its embedding, i.e. the cluster whose centroid region it falls in.
+
+Schedule (the authors' ``--init_with_kmeans``, used by all their commands): a self-supervised
+warm-up with only the augmentation walk, then k-means (FAISS) on the embeddings places each
+cluster's centroids, Adam's state is reset, the augmentation terms are scaled by 0.2 and the
+full loss trains to the end. The learning rate ramps up along a tanh curve and is multiplied
+by 0.33 every ``decay_steps``. Nothing looks at labels (the authors' code stopped runs early
+by test accuracy; we don't).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import rng
+from ..augment import AugmentConfig, augment
+from ..engine import (
+    DeviceImages,
+    Trainer,
+    autocast,
+    compile_module,
+    layout,
+    make_optimizer,
+    map_batches,
+    prepare,
+)
+from ..errors import UsageError
+from ..model import ClusterModel, Preprocessing, register_embedder
+from ..nets import ADCConvNet, PreActResNet20
+from . import register
+from .base import FitContext, Method
+from .kmeans import faiss_kmeans
+
+# -- loss terms -------------------------------------------------------------------------------
+
+
+def _walk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """P_ab = softmax_rows(A Bᵀ) and P_ba = softmax_rows(B Aᵀ): one step each way."""
+    m = a @ b.T
+    return m.softmax(1), m.T.softmax(1)
+
+
+def walker_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_walker = −(1/|A|) Σ_i Σ_j T_ij log(1e-8 + P_aba_ij), P_aba = P_ab P_ba, where
+    T_ij = 1[l_i = l_j] / Σ_j' 1[l_i = l_j']: a round trip A → B → A must end on a row with
+    the label it started from (a cluster's centroids, or an image's augmented copies)."""
+    p_ab, p_ba = _walk(a, b)
+    p_aba = p_ab @ p_ba
+    same = (labels[:, None] == labels[None, :]).to(p_aba.dtype)
+    target = same / same.sum(1, keepdim=True)
+    return -(target * torch.log(1e-8 + p_aba)).sum(1).mean()
+
+
+def visit_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L_visit = −(1/|B|) Σ_j log(1e-8 + (1/|A|) Σ_i P_ab_ij): every row of B is reached
+    evenly by the first step, so no image (or centroid) is left out of the association."""
+    p_ab, _ = _walk(a, b)
+    return -torch.log(1e-8 + p_ab.mean(0)).mean()
+
+
+def logit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_logit = CE(softmax(W c_j + b), ⌊j/m⌋): the classifier learns the clusters from the
+    centroid variables alone."""
+    return F.cross_entropy(logits, labels)
+
+
+def norm_loss(v: torch.Tensor, target: float) -> torch.Tensor:
+    """L_norm = Σ_v (‖v‖₂ − t)²: keeps embeddings and centroids near norm t (a sum, as the
+    code), so the softmax over dot products has a fixed temperature."""
+    return (v.norm(dim=1) - target).pow(2).sum()
+
+
+def l2_penalty(module: nn.Module) -> torch.Tensor:
+    """Σ_w ‖w‖² / 2 over the weight matrices and kernels (TF's l2_regularizer; no biases)."""
+    return torch.stack([p.pow(2).sum() for p in module.parameters() if p.ndim > 1]).sum() / 2
+
+
+# -- modules ----------------------------------------------------------------------------------
+
+
+def _scale(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> [-1, 1], the authors' (x − 128) / 128."""
+    return images * 2.0 - 1.0
+
+
+def build_net(network: str, channels: int, image_size: int, emb_size: int) -> nn.Module:
+    if network == "convnet":
+        return ADCConvNet(channels, image_size, emb_size=emb_size, dropout=0.2)
+    return PreActResNet20(channels, emb_size=emb_size, dropout=0.2)
+
+
+@register_embedder
+class ADCEmbedder(nn.Module):
+    """uint8 images -> [-1, 1] -> the ADC network -> [z, 1] (for the logit read-out)."""
+
+    def __init__(self, network: str, channels: int, image_size: int, emb_size: int) -> None:
+        super().__init__()
+        self.args = {
+            "network": network,
+            "channels": channels,
+            "image_size": image_size,
+            "emb_size": emb_size,
+        }
+        self.net = build_net(network, channels, image_size, emb_size)
+
+    def spec(self) -> dict[str, object]:
+        return dict(self.args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(layout(_scale(x.float() / 255.0)))
+        return torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+
+
+def augmentation(channels: int) -> AugmentConfig:
+    """The paper's augmentation for the data set family: digits (grey) or natural images.
+
+    The code's random crop of up to 20 % resized back, rotation, brightness (grey: the
+    MNIST set; colour: the CIFAR set with saturation 0.7-1.3, contrast about 0.4-1.6, hue
+    0.2 and flips) and Gaussian noise σ = 0.05 on the [-1, 1] scale (0.025 on [0, 1])."""
+    if channels == 1:
+        return AugmentConfig(
+            crop="square", crop_scale=(0.8, 1.0), rotate=15, brightness=0.5, noise=0.025
+        )
+    return AugmentConfig(
+        crop="square",
+        crop_scale=(0.8, 1.0),
+        rotate=10,
+        flip=True,
+        brightness=0.5,
+        saturation=0.3,
+        contrast=0.6,
+        hue=0.2,
+        noise=0.025,
+    )
+
+
+# -- the method -------------------------------------------------------------------------------
+
+
+@dataclass
+class ADCConfig:
+    """Defaults: the authors' MNIST command (the one they report 99 % with) and code defaults."""
+
+    network: Literal["auto", "convnet", "resnet20"] = "auto"  # auto: convnet grey, resnet colour
+    emb_size: int = 0  # 0 = 128 for the convnet, 64 for the ResNet (the authors' commands)
+    centroids_per_cluster: int = 4  # m
+    steps: int = 12000
+    batch_size: int = 100
+    augmented: int = 3  # r: augmented copies of each image per step
+    lr: float = 1e-3
+    beta1: float = 0.8
+    beta2: float = 0.9
+    warmup_steps: int = 2000  # learning-rate ramp
+    reg_warmup_steps: int = 1000  # self-supervised warm-up before the k-means initialisation
+    decay_steps: int = 5000
+    decay_factor: float = 0.33
+    walker_weight: float = 1.0
+    visit_weight: float = 0.5
+    aug_walker_weight: float = 1.0
+    aug_visit_weight: float = 1.0
+    reg_decay_factor: float = 0.2  # the augmentation terms' weights after the warm-up
+    logit_weight: float = 0.5
+    norm_weight: float = 2e-4
+    norm_target: float = 1.0
+    weight_decay: float = 1e-3  # L2 on the network's weights (the logit layer: 1e-4)
+    round_steps: int = 100  # steps per logged (and checkpointed) round
+
+    def validate(self) -> None:
+        positive = ("centroids_per_cluster", "steps", "batch_size", "augmented", "round_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"parameter {name} must be >= 1")
+        if not 0 <= self.reg_warmup_steps < self.steps:
+            raise UsageError("parameter reg_warmup_steps must be in [0, steps)")
+        if self.network not in ("auto", "convnet", "resnet20"):
+            raise UsageError(
+                f"parameter network must be auto, convnet or resnet20, got {self.network!r}"
+            )
+        if self.lr <= 0 or self.emb_size < 0 or self.warmup_steps < 0 or self.decay_steps < 1:
+            raise UsageError("parameters lr, decay_steps must be > 0; emb_size, warmup_steps >= 0")
+
+
+@register
+class ADC(Method):
+    name = "adc"
+    summary = "ADC (Haeusser et al. 2018): associative deep clustering with centroid variables"
+    Config = ADCConfig
+
+    def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
+        cfg: ADCConfig = self.config
+        n, c, h, _ = images.shape
+        if n < self.k:
+            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        network = cfg.network if cfg.network != "auto" else ("convnet" if c == 1 else "resnet20")
+        emb = cfg.emb_size or (128 if network == "convnet" else 64)
+        data = DeviceImages(images, ctx.device)
+        net = prepare(build_net(network, c, h, emb), ctx.device)
+        m = cfg.centroids_per_cluster
+        # N(0, 0.3²) per cluster + U(−0.01, 0.01) per copy, as the code (replaced by k-means)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        centres = 0.3 * torch.randn(self.k, 1, emb, generator=gen)
+        jitter = 0.02 * torch.rand(self.k, m, emb, generator=gen) - 0.01
+        cents = nn.Parameter((centres + jitter).reshape(self.k * m, emb).to(ctx.device))
+        holder = nn.ParameterDict({"centroids": cents})
+        logit = nn.Linear(emb, self.k).to(ctx.device)
+        trainer = Trainer(ctx, {"net": net, "centroids": holder, "logit": logit})
+        step_net = compile_module(net, ctx.compile)
+        warm_rounds = -(-cfg.reg_warmup_steps // cfg.round_steps)
+        rounds = -(-(cfg.steps - cfg.reg_warmup_steps) // cfg.round_steps)
+        aug_cfg = augmentation(c)
+        batch = min(cfg.batch_size, n)
+        parts = (step_net, holder, logit, data, aug_cfg, batch)
+        self._phase(trainer, "warmup", warm_rounds, 0, parts, cluster=False)
+        if trainer.entering("cluster"):
+            self._init_with_kmeans(trainer, net, data, cents)
+        self._phase(trainer, "cluster", rounds, warm_rounds * cfg.round_steps, parts, cluster=True)
+        embedder = ADCEmbedder(network, c, h, emb).to(ctx.device)
+        embedder.net.load_state_dict(net.state_dict())
+        weights = torch.cat([logit.weight.detach(), logit.bias.detach()[:, None]], dim=1)
+        return ClusterModel(embedder, weights, "ip", Preprocessing(h, c), self.name, asdict(cfg))
+
+    def _phase(
+        self,
+        trainer: Trainer,
+        phase: str,
+        rounds: int,
+        first_step: int,
+        parts: tuple,
+        cluster: bool,
+    ) -> None:
+        """``rounds`` rounds of ``round_steps`` steps; a fresh Adam per phase (the reset)."""
+        cfg: ADCConfig = self.config
+        net, holder, logit, data, aug_cfg, batch = parts
+        params = [*net.parameters(), *holder.parameters(), *logit.parameters()]
+        opt = make_optimizer("adam", params, cfg.lr, trainer.device, betas=(cfg.beta1, cfg.beta2))
+        per_step = batch * (1 + cfg.augmented)
+        for r in trainer.phase(phase, rounds, {"adam": opt}, cfg.round_steps, per_step):
+            net.train()
+            counts = torch.zeros(self.k, device=trainer.device)
+            for idx in trainer.steps(_round(data, batch, cfg.round_steps, trainer.key(r))):
+                s = first_step + r * cfg.round_steps + trainer.step
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(s, cfg)
+                key = trainer.key(r, trainer.step)
+                terms = self._loss(
+                    net, holder["centroids"], logit, data.take(idx), aug_cfg, key, cluster
+                )
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                opt.step()
+                if cluster:
+                    counts += torch.bincount(terms.pop("pred"), minlength=self.k)
+                trainer.record(len(idx) * (1 + cfg.augmented), **terms)
+            if cluster:
+                trainer.note(sizes=counts.long().tolist())
+
+    def _loss(
+        self,
+        net: nn.Module,
+        cents: torch.Tensor,
+        logit: nn.Linear,
+        images: torch.Tensor,
+        aug_cfg: AugmentConfig,
+        key: int,
+        cluster: bool,
+    ) -> dict[str, torch.Tensor]:
+        cfg: ADCConfig = self.config
+        x = images.float() / 255.0
+        views = torch.cat(
+            [x, *(augment(x, aug_cfg, rng.key(key, i)) for i in range(cfg.augmented))]
+        )
+        with autocast(x.device):
+            z = net(layout(_scale(views))).float()
+        plain, aug = z[: len(x)], z[len(x) :]
+        src = torch.arange(len(x), device=z.device).repeat(cfg.augmented)
+        decay = cfg.reg_decay_factor if cluster else 1.0
+        terms = {
+            "aug_walker": walker_loss(aug, plain, src),
+            "aug_visit": visit_loss(aug, plain),
+            "norm": norm_loss(z, cfg.norm_target) + norm_loss(cents, cfg.norm_target),
+            "l2": cfg.weight_decay * l2_penalty(net) + 1e-4 * l2_penalty(logit),
+        }
+        loss = (
+            decay
+            * (
+                cfg.aug_walker_weight * terms["aug_walker"]
+                + cfg.aug_visit_weight * terms["aug_visit"]
+            )
+            + cfg.norm_weight * terms["norm"]
+            + terms["l2"]
+        )
+        if cluster:
+            labels = torch.arange(self.k, device=z.device).repeat_interleave(
+                cfg.centroids_per_cluster
+            )
+            terms["walker"] = walker_loss(cents, plain, labels)
+            terms["visit"] = visit_loss(cents, plain)
+            terms["logit"] = logit_loss(logit(cents), labels)
+            loss = (
+                loss
+                + cfg.walker_weight * terms["walker"]
+                + cfg.visit_weight * terms["visit"]
+                + cfg.logit_weight * terms["logit"]
+            )
+        terms["loss"] = loss
+        if cluster:
+            terms["pred"] = logit(plain.detach()).argmax(1)
+        return terms
+
+    def _init_with_kmeans(
+        self, trainer: Trainer, net: nn.Module, data: DeviceImages, cents: nn.Parameter
+    ) -> None:
+        """k-means on the plain embeddings: each cluster's m centroids = its centre + U(±1e-4)."""
+        net.eval()
+        z = map_batches(data, 1024, lambda b: net(layout(_scale(b.float() / 255.0))))
+        km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed, restarts=3)
+        m = self.config.centroids_per_cluster
+        centres = torch.from_numpy(km.centroids).to(cents.device).repeat_interleave(m, 0)
+        gen = torch.Generator().manual_seed(trainer.ctx.seed + 1)
+        noise = (2e-4 * torch.rand(centres.shape, generator=gen) - 1e-4).to(cents.device)
+        with torch.no_grad():
+            cents.copy_(centres + noise)
+
+
+def learning_rate(step: int, cfg: ADCConfig) -> float:
+    """1e-6 + lr · (tanh(5 (s − W/2) / W) + 1) / 2 · 0.33^⌊s / decay_steps⌋ (the code's ramp)."""
+    w = max(cfg.warmup_steps, 1)
+    ramp = (math.tanh(5.0 / w * (step - w / 2)) + 1) / 2 if cfg.warmup_steps else 1.0
+    return 1e-6 + cfg.lr * ramp * cfg.decay_factor ** (step // cfg.decay_steps)
+
+
+def _round(data: DeviceImages, batch: int, steps: int, key: int) -> list[torch.Tensor]:
+    """``steps`` batches drawn without replacement, a new permutation whenever one runs out."""
+    need, parts, i = batch * steps, [], 0
+    while sum(len(p) for p in parts) < need:
+        parts.append(data.epoch(data.n, rng.key(key, i), drop_last=False)[0])
+        i += 1
+    return list(torch.cat(parts)[:need].split(batch))
