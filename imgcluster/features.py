@@ -31,12 +31,20 @@ class BackboneEmbedder(nn.Module):
     """uint8 images -> grey to RGB, resize to the backbone's input, its normalisation -> pooled
     features -> L2-normalised when ``normalize`` -> with a trailing 1 when ``append_one`` (a
     linear head's bias becomes a centroid coordinate, so argmax(Wf + b) is one inner-product
-    search)."""
+    search). ``folded``: the backbone's batch norms are folded into its convolutions
+    (``backbones.fold_batch_norms``; the saved weights are then the folded ones)."""
 
-    def __init__(self, backbone: str, normalize: bool = True, append_one: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        normalize: bool = True,
+        append_one: bool = False,
+        folded: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone, self.normalize, self.append_one = backbone, normalize, append_one
         self.net, spec = backbones.build(backbone)
+        self.folded = folded and backbones.fold_batch_norms(self.net)
         self.input_size = spec.input_size
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -46,6 +54,7 @@ class BackboneEmbedder(nn.Module):
             "backbone": self.backbone,
             "normalize": self.normalize,
             "append_one": self.append_one,
+            "folded": self.folded,
         }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,10 +95,12 @@ class BackboneEmbedder(nn.Module):
 
 
 def load_embedder(backbone: str, weights: Path | None, device: torch.device) -> BackboneEmbedder:
-    """A ``BackboneEmbedder`` holding the backbone's pretrained weights, on ``device``."""
+    """A ``BackboneEmbedder`` holding the backbone's pretrained weights, on ``device``, with its
+    batch norms folded where the backbone allows (the network stays frozen)."""
     embedder = BackboneEmbedder(backbone)
     net, _ = backbones.load(backbone, weights)
     embedder.net.load_state_dict(net.state_dict())
+    embedder.folded = backbones.fold_batch_norms(embedder.net)
     return embedder.to(device, memory_format=torch.channels_last).eval()
 
 

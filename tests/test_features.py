@@ -222,3 +222,28 @@ def test_real_efficientnet_lite0_weights_load_offline() -> None:
     with torch.no_grad():
         f = embedder(torch.from_numpy(grey))
     assert f.shape == (2, 1280) and torch.isfinite(f).all() and torch.equal(f[0], f[1])
+
+
+def test_folding_batch_norms_keeps_the_features() -> None:
+    torch.manual_seed(0)
+    net, _ = backbones.build("efficientnet-lite0")
+    for m in net.modules():  # statistics far from the defaults, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    embedder = features.BackboneEmbedder("efficientnet-lite0").eval()
+    embedder.net.load_state_dict(net.state_dict())
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    with torch.no_grad():
+        before = embedder(images)
+        assert backbones.fold_batch_norms(embedder.net)
+        embedder.folded = True
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in embedder.net.modules())
+        assert torch.allclose(embedder(images), before, atol=1e-5)
+        # rebuilt from its description, the folded network takes the folded weights
+        again = features.BackboneEmbedder(**embedder.spec()).eval()  # type: ignore[arg-type]
+        again.load_state_dict(embedder.state_dict())
+        assert torch.allclose(again(images), before, atol=1e-5)
+    assert not backbones.fold_batch_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))
