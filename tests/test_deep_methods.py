@@ -1,5 +1,6 @@
-"""DEPICT, AE-CM and ADC on tiny data: they train (the loss falls), write a run folder that reloads,
-and `assign` reproduces their labels. Accuracy is measured by benchmarks/run.py, not here."""
+"""DEPICT, AE-CM, ADC and MMDC on tiny data: they train (the loss falls), write a run folder
+that reloads, and `assign` reproduces their labels. Accuracy is measured by
+benchmarks/run.py, not here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from imgcluster import assign, evaluate, train
 from imgcluster.errors import UsageError
-from imgcluster.methods import adc
+from imgcluster.methods import adc, mmdc
 from imgcluster.methods import aecm as cm
 from imgcluster.methods import depict as dp
 from imgcluster.model import ClusterModel
@@ -29,6 +30,7 @@ SHORT = {
     },
     "depict": {"pretrain_epochs": "6", "head_epochs": "4", "epochs": "6", "batch_size": "16"},
     "aecm": {"epochs": "25", "batch_size": "16"},
+    "mmdc": {"epochs": "60", "batch_size": "16", "refine_epoch": "-1"},
     "aecm-pre": {
         "init": "pre",
         "pretrain_epochs": "5",
@@ -63,10 +65,10 @@ def test_short_run_trains_reloads_and_assigns_the_same(
     method = name.split("-")[0]
     run = train([folder], 3, method=method, params=SHORT[name], out=tmp_path / "run").run_dir
     log = _log(run)
-    learning = {"depict": "pretrain", "aecm": "joint", "adc": "cluster"}[method]
+    learning = {"depict": "pretrain", "aecm": "joint", "adc": "cluster", "mmdc": "cluster"}[method]
     losses = [r["loss"] for r in log if r.get("phase") == learning]
     assert len(losses) >= 2 and losses[-1] < losses[0]  # it learns
-    main_phase = {"depict": "depict", "aecm": "joint", "adc": "cluster"}[method]
+    main_phase = {"depict": "depict", "aecm": "joint", "adc": "cluster", "mmdc": "cluster"}[method]
     main = [r for r in log if r.get("phase") == main_phase]
     assert main and "sizes" in main[-1]
     model = ClusterModel.load(run)
@@ -142,3 +144,37 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(steps=100, reg_warmup_steps=100))
     with pytest.raises(UsageError, match="network"):
         adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]
+
+
+def test_mmdc_rotation_and_refinement_on_colour_images(tmp_path: Path) -> None:
+    folder = make_toy_folder(tmp_path / "toy", per_class=8, colour=True)
+    params = {"epochs": "3", "batch_size": "8", "refine_epoch": "2"}
+    run = train([folder], 3, method="mmdc", params=params, out=tmp_path / "run").run_dir
+    log = [r for r in _log(run) if r.get("phase") == "cluster"]
+    assert len(log) == 3 and all("rot" in r for r in log)  # the rotation task ran every epoch
+    assert sum(log[-1]["sizes"]) == 24  # the refined targets cover every image
+    assert json.loads((run / "model.json").read_text())["embedder"]["args"]["rotation"]
+    out = tmp_path / "assigned.csv"
+    assign(run, [folder], out=out)
+    assert _labels(out, folder) == _labels(run / "labels.csv")
+
+
+def test_mmdc_targets_and_reassignment() -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = mmdc.mixture_targets(3000, 3, 0.0, gen)
+    assert set(t.sum(1).tolist()) == {1.0} and ((t == 0) | (t == 1)).all()  # vertices
+    assert t.sum(0).min() > 900  # each drawn about a third of the time
+    noisy = mmdc.mixture_targets(10, 3, 0.3, gen)
+    assert torch.allclose(noisy.norm(dim=1), torch.ones(10))
+    targets = torch.eye(4)
+    pred = targets[[2, 0, 3, 1]] + 0.05  # image i is nearest target [2, 0, 3, 1][i]
+    perm = mmdc.reassign(pred, targets)
+    assert perm.tolist() == [2, 0, 3, 1]
+    assert mmdc.target_loss(targets[perm], targets[perm]) == 0
+    logits = torch.tensor([[9.0, 0, 0, 0], [0, 9.0, 0, 0]])
+    assert mmdc.rotation_loss(logits, torch.tensor([0, 1])) < 0.01
+
+
+def test_mmdc_rejects_the_rotation_task_on_the_small_vgg() -> None:
+    with pytest.raises(UsageError, match="rotation"):
+        mmdc.MMDC(3, mmdc.MMDCConfig(network="vgg", rotation="on")).plan(1, 28)

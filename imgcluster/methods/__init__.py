@@ -33,7 +33,7 @@ def list_methods() -> list[type[Method]]:
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
-from . import adc, aecm, depict, kmeans, scan  # noqa: E402  (they register themselves)
+from . import adc, aecm, depict, kmeans, mmdc, scan  # noqa: E402  (they register themselves)
 
 __all__ = [
     "FitContext",
@@ -44,6 +44,7 @@ __all__ = [
     "get_method",
     "kmeans",
     "list_methods",
+    "mmdc",
     "register",
     "scan",
 ]

@@ -1,0 +1,350 @@
+"""MMDC: multi-modal deep clustering (Shiran & Weinshall, ICPR 2020; arXiv 1912.02678).
+
+A network maps each image to a point on the unit sphere in R^K. Every image owns a target
+drawn from a mixture centred on the K one-hot vertices (σ = 0 in the authors' runs: the
+target is a vertex). Before each step the batch's targets are re-assigned among its images
+by the Hungarian algorithm on the distances to the predictions of the un-augmented view, so
+each image takes the nearest free target; the network then regresses the augmented view on
+its target (MSE). The target pool is balanced, so the clusters are too. On natural images an
+epoch of rotation prediction (0/90/180/270°, a second head on the pooled features) precedes
+every clustering epoch. From ``refine_epoch`` on, k-means (FAISS) on the outputs gives the
+targets instead, aligned to the previous ones. Label = the nearest vertex = argmax output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from ..augment import AugmentConfig, augment, centre_crop, four_rotations
+from ..engine import (
+    DeviceImages,
+    Trainer,
+    autocast,
+    compile_module,
+    layout,
+    make_optimizer,
+    map_batches,
+    param_groups,
+    prepare,
+)
+from ..errors import UsageError
+from ..metrics import contingency
+from ..model import ClusterModel, Preprocessing, register_embedder
+from ..nets import SmallResNet, SmallVGG
+from . import register
+from .base import FitContext, Method
+from .kmeans import faiss_kmeans
+
+# -- loss terms and targets -------------------------------------------------------------------
+
+
+def target_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_cluster = (1/(B·K)) Σ_i ‖f(aug(x_i)) − t_i‖²: the augmented view regresses its target
+    (PyTorch's MSELoss, a mean over batch and dimensions, as the code)."""
+    return F.mse_loss(pred, target)
+
+
+def rotation_loss(logits: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """L_rot = CE(g(rot_r(x)), r), r ∈ {0°, 90°, 180°, 270°}: the auxiliary RotNet task."""
+    return F.cross_entropy(logits, rotations)
+
+
+def mixture_targets(n: int, k: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """n targets from the mixture of K isotropic Gaussians N(e_k, σ²I) on the one-hot vertices,
+    each drawn with a uniformly random component (``random.randint`` in the code) and put back
+    on the unit sphere; σ = 0 gives the vertices themselves."""
+    t = F.one_hot(torch.randint(k, (n,), generator=generator), k).float()
+    if sigma > 0:
+        t = F.normalize(t + sigma * torch.randn(n, k, generator=generator), dim=1)
+    return t
+
+
+def reassign(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The permutation of the batch's targets minimising Σ_i ‖pred_i − t_π(i)‖² (Hungarian on
+    Euclidean distances, as the code's lapjv): index i gets ``targets[perm[i]]``."""
+    cost = torch.cdist(pred.float(), targets.float()).cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm).to(targets.device)
+
+
+# -- modules ----------------------------------------------------------------------------------
+
+
+def build_net(network: str, channels: int, image_size: int, k: int, rotation: bool) -> nn.Module:
+    if network == "vgg":
+        return SmallVGG(channels, image_size, k)
+    return SmallResNet(channels, k, depth=18, rotation_head=rotation)
+
+
+@register_embedder
+class MMDCEmbedder(nn.Module):
+    """uint8 images -> [0, 1] (no mean/std, as the code) -> inference view (centre crop,
+    resized back) -> the network's L2-normalised output."""
+
+    def __init__(
+        self, network: str, channels: int, image_size: int, k: int, rotation: bool, view: float
+    ) -> None:
+        super().__init__()
+        self.args = {
+            "network": network,
+            "channels": channels,
+            "image_size": image_size,
+            "k": k,
+            "rotation": rotation,
+            "view": view,
+        }
+        self.net = build_net(network, channels, image_size, k, rotation)
+
+    def spec(self) -> dict[str, object]:
+        return dict(self.args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(layout(centre_crop(x.float() / 255.0, self.args["view"])))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Family:
+    """The authors' settings for a kind of data: digits (grey) or natural images (colour);
+    with a config's choices applied, the plan of a run."""
+
+    network: str
+    rotation: bool
+    augment: AugmentConfig
+    view: float  # the inference view: centre crop of this fraction of the side
+    epochs: int
+    milestone: int
+    gamma: float
+    refine_epoch: int
+
+
+def family(channels: int, image_size: int) -> Family:
+    """MNIST command (crops 24/20/16 of 28 px, rotation ±25°, small VGG, 50 epochs, ×0.1 at 40,
+    refine from 20) for grey images; CIFAR command (crop 20 of 32 px, flip, colour jitter
+    0.4/0.4/0.4/0.125, greyscale p 0.2, ResNet-18 + rotation task, 400 epochs, ×0.2 at 300,
+    refine from 350) for colour images. Crops are fractions of the side, so any size works."""
+    if channels == 1:
+        sides = tuple(c / 28 for c in (24, 20, 16))
+        return Family(
+            "vgg",
+            False,
+            AugmentConfig(crop="square", crop_sides=sides, rotate=25),
+            sides[0],
+            50,
+            40,
+            0.1,
+            20,
+        )
+    jitter = AugmentConfig(
+        crop="square",
+        crop_sides=(20 / 32,),
+        flip=True,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.125,
+        grey_p=0.2,
+    )
+    return Family("resnet18", True, jitter, 20 / 32, 400, 300, 0.2, 350)
+
+
+# -- the method -------------------------------------------------------------------------------
+
+
+@dataclass
+class MMDCConfig:
+    """Defaults: the authors' README commands, chosen by the images' family (grey: MNIST's;
+    colour: CIFAR-10's); 0 / "auto" means "the family's value"."""
+
+    network: Literal["auto", "vgg", "resnet18"] = "auto"
+    rotation: Literal["auto", "on", "off"] = "auto"  # RotNet epochs (auto: colour images)
+    epochs: int = 0
+    milestone: int = 0  # epoch where the learning rate is multiplied by gamma
+    gamma: float = 0.0
+    refine_epoch: int = 0  # from this epoch on, k-means gives the targets (-1: never)
+    sigma: float = 0.0  # spread of the targets around the vertices (the code: 0)
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not on biases and norms
+
+    def validate(self) -> None:
+        for name in ("epochs", "milestone", "batch_size"):
+            if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
+                raise UsageError(f"parameter {name} must be >= {int(name == 'batch_size')}")
+        if self.network not in ("auto", "vgg", "resnet18"):
+            raise UsageError(
+                f"parameter network must be auto, vgg or resnet18, got {self.network!r}"
+            )
+        if self.rotation not in ("auto", "on", "off"):
+            raise UsageError(f"parameter rotation must be auto, on or off, got {self.rotation!r}")
+        if self.sigma < 0 or self.lr <= 0 or self.gamma < 0 or self.refine_epoch < -1:
+            raise UsageError("parameters sigma, gamma must be >= 0, lr > 0, refine_epoch >= -1")
+
+
+@register
+class MMDC(Method):
+    name = "mmdc"
+    summary = "MMDC (Shiran & Weinshall 2020): targets on a mixture of one-hot means + rotations"
+    Config = MMDCConfig
+
+    def plan(self, channels: int, image_size: int) -> Family:
+        """The family's settings with this config's choices applied."""
+        cfg: MMDCConfig = self.config
+        fam = family(channels, image_size)
+        rotation = fam.rotation if cfg.rotation == "auto" else cfg.rotation == "on"
+        network = fam.network if cfg.network == "auto" else cfg.network
+        if rotation and network == "vgg":
+            raise UsageError("the rotation task needs network=resnet18 (the small VGG has no head)")
+        epochs = cfg.epochs or fam.epochs
+        scale = epochs / fam.epochs  # a shorter run keeps the milestones' proportions
+        return replace(
+            fam,
+            network=network,
+            rotation=rotation,
+            epochs=epochs,
+            milestone=cfg.milestone or round(fam.milestone * scale),
+            gamma=cfg.gamma or fam.gamma,
+            refine_epoch=cfg.refine_epoch or round(fam.refine_epoch * scale),
+        )
+
+    def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
+        cfg: MMDCConfig = self.config
+        n, c, h, _ = images.shape
+        if n < self.k:
+            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        plan = self.plan(c, h)
+        data = DeviceImages(images, ctx.device)
+        net = prepare(build_net(plan.network, c, h, self.k, plan.rotation), ctx.device)
+        trainer = Trainer(ctx, {"net": net})
+        if "targets" not in trainer.extra:
+            gen = torch.Generator().manual_seed(ctx.seed)
+            targets = mixture_targets(n, self.k, cfg.sigma, gen)
+            trainer.extra["targets"] = targets.to(data.index_device)
+        opt = make_optimizer(
+            "sgd",
+            param_groups(net, cfg.weight_decay),
+            cfg.lr,
+            ctx.device,
+            momentum=cfg.momentum,
+        )
+        self._train(trainer, compile_module(net, ctx.compile), net, data, opt, plan)
+        embedder = MMDCEmbedder(plan.network, c, h, self.k, plan.rotation, plan.view)
+        embedder.net.load_state_dict(net.state_dict())
+        centroids = torch.eye(self.k)  # the mixture's means: label = argmax of the output
+        config = asdict(cfg) | {"resolved": asdict(plan)}
+        return ClusterModel(
+            embedder.to(ctx.device), centroids, "ip", Preprocessing(h, c), self.name, config
+        )
+
+    def _train(
+        self,
+        trainer: Trainer,
+        step_net: nn.Module,
+        net: nn.Module,
+        data: DeviceImages,
+        opt: torch.optim.Optimizer,
+        plan: Family,
+    ) -> None:
+        cfg: MMDCConfig = self.config
+        batch = min(cfg.batch_size, data.n)
+        steps = max(data.n // batch, 1)
+        per_epoch = batch * (5 if plan.rotation else 1)  # images through the net per step
+        for epoch in trainer.phase("cluster", plan.epochs, {"sgd": opt}, steps, per_epoch):
+            lr = cfg.lr * (plan.gamma if epoch >= plan.milestone else 1.0)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            refine = 0 <= plan.refine_epoch <= epoch
+            if refine and trainer.step == 0:
+                self._refine_targets(trainer, net, data, plan)
+            if plan.rotation and trainer.step == 0:  # a resumed epoch had done it already
+                self._rotation_epoch(trainer, step_net, data, opt, plan, epoch, batch)
+            self._cluster_epoch(trainer, step_net, data, opt, plan, epoch, batch, refine)
+            trainer.note(lr=lr, sizes=self._sizes(trainer))
+
+    def _rotation_epoch(
+        self,
+        trainer: Trainer,
+        net: nn.Module,
+        data: DeviceImages,
+        opt: torch.optim.Optimizer,
+        plan: Family,
+        epoch: int,
+        batch: int,
+    ) -> None:
+        """One pass of 4-way rotation prediction on randomly cropped images (same optimiser)."""
+        net.train()
+        crop = AugmentConfig(crop=plan.augment.crop, crop_sides=plan.augment.crop_sides)
+        for i, idx in enumerate(data.epoch(batch, trainer.key(epoch, 1))):
+            x = augment(data.take(idx).float() / 255.0, crop, trainer.key(epoch, 1, i))
+            rotated, labels = four_rotations(x)
+            with autocast(x.device):
+                loss = rotation_loss(net.rotation_logits(layout(rotated)).float(), labels)
+            _step(opt, loss)
+            trainer.record(len(rotated), rot=loss)
+
+    def _cluster_epoch(
+        self,
+        trainer: Trainer,
+        net: nn.Module,
+        data: DeviceImages,
+        opt: torch.optim.Optimizer,
+        plan: Family,
+        epoch: int,
+        batch: int,
+        refine: bool,
+    ) -> None:
+        """Each batch: re-assign its targets among its images (not when refining), then the
+        augmented view regresses them."""
+        targets = trainer.extra["targets"]
+        for idx in trainer.steps(data.epoch(batch, trainer.key(epoch))):
+            images = data.take(idx).float() / 255.0
+            t = targets[idx].to(images.device)
+            if not refine:
+                net.eval()
+                with torch.no_grad(), autocast(images.device):
+                    pred = net(layout(centre_crop(images, plan.view))).float()
+                t = t[reassign(pred, t)]
+                targets[idx] = t.to(targets.device)
+            net.train()
+            aug = augment(images, plan.augment, trainer.key(epoch, 2, trainer.step))
+            with autocast(images.device):
+                loss = target_loss(net(layout(aug)).float(), t)
+            _step(opt, loss)
+            trainer.record(len(idx), loss=loss)
+
+    @torch.no_grad()
+    def _refine_targets(
+        self, trainer: Trainer, net: nn.Module, data: DeviceImages, plan: Family
+    ) -> None:
+        """k-means on the outputs of the inference view; the new labels are matched to the
+        current targets' (Hungarian) and become one-hot targets."""
+        net.eval()
+        z = map_batches(
+            data, 1024, lambda b: net(layout(centre_crop(b.float() / 255.0, plan.view)))
+        )
+        km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed)
+        previous = trainer.extra["targets"].argmax(1).cpu().numpy()
+        table = contingency(previous, km.labels, shape=(self.k, self.k))
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        mapping = np.empty(self.k, dtype=np.int64)
+        mapping[rows] = cols
+        one_hot = F.one_hot(torch.from_numpy(mapping[km.labels]), self.k).float()
+        trainer.extra["targets"] = one_hot.to(trainer.extra["targets"].device)
+
+    def _sizes(self, trainer: Trainer) -> list[int]:
+        return torch.bincount(trainer.extra["targets"].argmax(1), minlength=self.k).tolist()
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
