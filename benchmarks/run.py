@@ -32,6 +32,7 @@ import torch
 from imgcluster import assign, evaluate, train
 from imgcluster.device import resolve_device
 from imgcluster.engine import CHECKPOINT
+from imgcluster.errors import Interrupted
 from imgcluster.report import Reporter
 
 import common
@@ -61,6 +62,10 @@ def main() -> None:
                 f"seed {seed}: ACC {record['acc']:.4f} NMI {record['nmi']:.4f} "
                 f"ARI {record['ari']:.4f} in {record['seconds']['total']:.1f} s"
             )
+    except Interrupted:
+        raise SystemExit(
+            "stopped part-way: run the same command with --resume to continue"
+        ) from None
     finally:
         if args.cache is None:
             shutil.rmtree(cache, ignore_errors=True)
