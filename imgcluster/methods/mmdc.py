@@ -331,7 +331,10 @@ class MMDC(Method):
         z = map_batches(
             data, 1024, lambda b: net(layout(centre_crop(b.float() / 255.0, plan.view)))
         )
-        km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed)
+        # 10 restarts, the lowest objective kept (sklearn's n_init=10 in the authors' code): with
+        # one, a run on MNIST-70k merged two digits at epoch 28 and the targets never split
+        # them again (ACC 0.887, 9 clusters)
+        km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed, restarts=10)
         previous = trainer.extra["targets"].argmax(1).cpu().numpy()
         table = contingency(previous, km.labels, shape=(self.k, self.k))
         rows, cols = linear_sum_assignment(table, maximize=True)
