@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import DeviceImages, Trainer, make_optimizer, map_batches, prepare
+from ..engine import DeviceImages, Trainer, make_optimizer, map_batches, optimizer_step, prepare
 from ..errors import UsageError
 from ..model import ClusterModel, Preprocessing, register_embedder
 from ..nets import MLPAutoencoder
@@ -149,8 +149,7 @@ class AECM(Method):
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: AECMConfig = self.config
         n, c, h, w = images.shape
-        if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        self.check_count(n)
         d = cfg.code_dim or self.k
         data = DeviceImages(images, ctx.device)
         ae = prepare(MLPAutoencoder(c * h * w, d), ctx.device)
@@ -213,7 +212,7 @@ class AECM(Method):
                     + cfg.lbd * terms["e3"]
                     + terms["e4"]
                 )
-                _step(opt, loss)
+                optimizer_step(opt, loss)
                 if average:
                     _running_mean(trainer, params, trainer.step)
                 counts += torch.bincount(gamma.argmax(1), minlength=self.k)
@@ -241,7 +240,7 @@ class AECM(Method):
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
                 x = data.take(idx).flatten(1).float() / 255.0
                 loss = ae_reconstruction(x, ae.reconstruct(ae(x)))
-                _step(sgd, loss)
+                optimizer_step(sgd, loss)
                 trainer.record(len(idx), loss=loss)
         if trainer.entering("cm"):
             z = map_batches(data, 4096, lambda b: ae(b.flatten(1).float() / 255.0))
@@ -280,15 +279,9 @@ class AECM(Method):
                     + cm_merging(gamma, u)
                     + dirichlet_prior(gamma, cfg.alpha)
                 )
-                _step(adam, loss)
+                optimizer_step(adam, loss)
                 trainer.record(len(idx), loss=loss)
         trainer.extra.pop("codes", None)
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
 
 
 @torch.no_grad()

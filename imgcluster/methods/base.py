@@ -72,6 +72,11 @@ class Method(ABC):
         if validate is not None:
             validate()
 
+    def check_count(self, n: int) -> None:
+        """UsageError unless there are at least K images (or feature rows) to cluster."""
+        if n < self.k:
+            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         """Train on ``images`` (uint8 N×C×H×W) and return the model."""
         raise UsageError(f"method {self.name} clusters pretrained features: pass --backbone")

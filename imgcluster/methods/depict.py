@@ -32,7 +32,15 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from .. import rng
-from ..engine import DeviceImages, Trainer, layout, make_optimizer, map_batches, prepare
+from ..engine import (
+    DeviceImages,
+    Trainer,
+    layout,
+    make_optimizer,
+    map_batches,
+    optimizer_step,
+    prepare,
+)
 from ..errors import UsageError
 from ..model import ClusterModel, Preprocessing, register_embedder
 from ..nets import DepictAE
@@ -147,8 +155,7 @@ class Depict(Method):
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: DepictConfig = self.config
         n, c, h, _ = images.shape
-        if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        self.check_count(n)
         data = DeviceImages(images, ctx.device)
         ae = prepare(DepictAE(c, h, self.k, dropout=cfg.dropout), ctx.device)
         head = prepare(nn.Linear(self.k, self.k), ctx.device)
@@ -178,7 +185,7 @@ class Depict(Method):
                     ae.decode(ae.encode(x, noisy=True)[2]),
                     cfg.hidden_weight,
                 )
-                _step(opt, loss)
+                optimizer_step(opt, loss)
                 trainer.record(len(idx), loss=loss)
 
     def _initial_clustering(
@@ -241,7 +248,7 @@ class Depict(Method):
                 )
                 ce = F.cross_entropy(head(z), labels[idx].to(z.device))
                 loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
-                _step(opt, loss)
+                optimizer_step(opt, loss)
                 trainer.record(len(idx), loss=loss, rec=rec, ce=ce)
             nmi = _agreement(data, ae, head, held, labels)
             trainer.note(holdout_nmi=round(nmi, 5))
@@ -276,7 +283,7 @@ class Depict(Method):
                 )
                 ce = cluster_cross_entropy(q[rows], head(z))
                 loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
-                _step(opt, loss)
+                optimizer_step(opt, loss)
                 with torch.no_grad():  # this batch's clean prediction, for next epoch's targets
                     p[rows] = torch.softmax(head(ae.encode(x, noisy=False)[2]), dim=1)
                 trainer.record(len(idx), loss=loss, rec=rec, ce=ce)
@@ -289,12 +296,6 @@ class Depict(Method):
             )
             if change < cfg.tol:
                 trainer.finish_phase()
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
 
 
 def _embed(data: DeviceImages, ae: DepictAE) -> torch.Tensor:

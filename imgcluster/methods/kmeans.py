@@ -81,8 +81,7 @@ class KMeans(Method):
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: KMeansConfig = self.config
         n, c, h, _ = images.shape
-        if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        self.check_count(n)
         embedder = self._fit_pca(images, ctx)
         with ctx.reporter.task("embedding", total=n) as bar:
             z = embed_images(embedder, images, cfg.batch_size, ctx.device, bar.advance)

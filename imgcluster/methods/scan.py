@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine import optimizer_step
 from ..errors import UsageError
 from . import register
 from .base import FeatureFit, FitContext, Method
@@ -95,8 +96,7 @@ class SCAN(Method):
     def fit_features(self, features: np.ndarray, ctx: FitContext) -> FeatureFit:
         cfg: SCANConfig = self.config
         n = len(features)
-        if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        self.check_count(n)
         gen = torch.Generator().manual_seed(ctx.seed)
         z = F.normalize(torch.from_numpy(np.ascontiguousarray(features)).float(), dim=1)
         start = time.perf_counter()
@@ -152,9 +152,8 @@ class SCAN(Method):
                 pick = torch.randint(neighbours.shape[1], (len(idx),), generator=gen)
                 nb = neighbours[idx, pick.to(z.device)]
                 losses = self._losses(self._probs(heads, z[idx]), self._probs(heads, z[nb]))
-                opt.zero_grad(set_to_none=True)
-                losses.sum().backward()  # the heads are independent: one backward for all
-                opt.step()
+                # the heads are independent: one backward for all
+                optimizer_step(opt, losses.sum())
                 total += losses.detach() * len(idx) / n
             ctx.log({"phase": "scan", "epoch": epoch + 1, "loss": round(float(total.min()), 5)})
 
@@ -195,9 +194,7 @@ class SCAN(Method):
             order = keep[torch.randperm(len(keep), generator=gen).to(z.device)]
             for idx in order.split(cfg.batch_size):
                 loss = self_label(head(z[idx]), target[idx], weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                optimizer_step(opt, loss)
             ctx.log({"phase": "self-label", "epoch": epoch + 1, "confident": len(keep)})
 
 
