@@ -4,8 +4,8 @@
     python benchmarks/throughput.py [--step mmdc-resnet18] [--batch-size 512] [--device cuda]
                                     [--steps 50] [--warmup 10] [--compile]
 
-For each step (one per method family, with that method's network, augmentation and
-optimiser), two loops in the same process and at the same batch size:
+For each step (one per method family, with that method's network, augmentation (the
+methods' own definitions) and optimiser), two loops in the same process and at the same batch size:
   full: indices drawn on the device -> uint8 batch from DeviceImages -> augment -> forward ->
         backward -> update, exactly as the methods run it;
   bare: forward -> backward -> update on one random float batch already on the device.
@@ -36,6 +36,7 @@ from imgcluster.engine import (
     param_groups,
     prepare,
 )
+from imgcluster.methods import adc, mmdc
 
 import common
 
@@ -65,16 +66,7 @@ STEPS: dict[str, Step] = {
         "ResNet-18 (MMDC)",
         (3, 32, 32),
         lambda: nets.SmallResNet(3, 10),
-        AugmentConfig(
-            crop="square",
-            crop_sides=(20 / 32,),
-            flip=True,
-            brightness=0.4,
-            contrast=0.4,
-            saturation=0.4,
-            hue=0.125,
-            grey_p=0.2,
-        ),
+        mmdc.family(3, 32).augment,
         "sgd",
         0.05,
         5e-4,
@@ -83,7 +75,7 @@ STEPS: dict[str, Step] = {
         "small VGG (MMDC MNIST)",
         (1, 32, 32),
         lambda: nets.SmallVGG(1, 32, 10),
-        AugmentConfig(crop="square", crop_sides=(24 / 32, 20 / 32, 16 / 32), rotate=25),
+        mmdc.family(1, 32).augment,
         "sgd",
         0.05,
         5e-4,
@@ -92,7 +84,7 @@ STEPS: dict[str, Step] = {
         "ADC conv net (MNIST)",
         (1, 28, 28),
         lambda: nets.ADCConvNet(1, 28),
-        AugmentConfig(crop="square", crop_scale=(0.8, 1.0), rotate=15, brightness=0.5, noise=0.05),
+        adc.augmentation(1),
         "adam",
         1e-3,
         0.0,
@@ -101,17 +93,7 @@ STEPS: dict[str, Step] = {
         "ResNet-20 v2 (ADC CIFAR)",
         (3, 32, 32),
         lambda: nets.PreActResNet20(3),
-        AugmentConfig(
-            crop="square",
-            crop_scale=(0.8, 1.0),
-            flip=True,
-            rotate=10,
-            brightness=0.5,
-            saturation=0.3,
-            contrast=0.7,
-            hue=0.2,
-            noise=0.05,
-        ),
+        adc.augmentation(3),
         "adam",
         1e-3,
         0.0,

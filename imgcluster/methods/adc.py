@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import rng
-from ..augment import AugmentConfig, augment
+from ..augment import AugmentConfig, augment, to_float
 from ..engine import (
     DeviceImages,
     Trainer,
@@ -37,6 +37,7 @@ from ..engine import (
     layout,
     make_optimizer,
     map_batches,
+    optimizer_step,
     prepare,
 )
 from ..errors import UsageError
@@ -204,8 +205,7 @@ class ADC(Method):
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: ADCConfig = self.config
         n, c, h, _ = images.shape
-        if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        self.check_count(n)
         network = cfg.network if cfg.network != "auto" else ("convnet" if c == 1 else "resnet20")
         emb = cfg.emb_size or (128 if network == "convnet" else 64)
         data = DeviceImages(images, ctx.device)
@@ -260,9 +260,7 @@ class ADC(Method):
                 terms = self._loss(
                     net, holder["centroids"], logit, data.take(idx), aug_cfg, key, cluster
                 )
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                opt.step()
+                optimizer_step(opt, terms["loss"])
                 if cluster:
                     counts += torch.bincount(terms.pop("pred"), minlength=self.k)
                 trainer.record(len(idx) * (1 + cfg.augmented), **terms)
@@ -280,7 +278,7 @@ class ADC(Method):
         cluster: bool,
     ) -> dict[str, torch.Tensor]:
         cfg: ADCConfig = self.config
-        x = images.float() / 255.0
+        x = to_float(images)
         views = torch.cat(
             [x, *(augment(x, aug_cfg, rng.key(key, i)) for i in range(cfg.augmented))]
         )
@@ -327,7 +325,7 @@ class ADC(Method):
     ) -> None:
         """k-means on the plain embeddings: each cluster's m centroids = its centre + U(±1e-4)."""
         net.eval()
-        z = map_batches(data, 1024, lambda b: net(layout(_scale(b.float() / 255.0))))
+        z = map_batches(data, 1024, lambda b: net(layout(_scale(to_float(b)))))
         km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed, restarts=3)
         m = self.config.centroids_per_cluster
         centres = torch.from_numpy(km.centroids).to(cents.device).repeat_interleave(m, 0)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..augment import AugmentConfig, augment, centre_crop, four_rotations
+from ..augment import AugmentConfig, augment, centre_crop, four_rotations, to_float
 from ..engine import (
     DeviceImages,
     Trainer,
@@ -31,6 +31,7 @@ from ..engine import (
     layout,
     make_optimizer,
     map_batches,
+    optimizer_step,
     param_groups,
     prepare,
 )
@@ -219,8 +220,7 @@ class MMDC(Method):
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: MMDCConfig = self.config
         n, c, h, _ = images.shape
-        if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+        self.check_count(n)
         plan = self.plan(c, h)
         data = DeviceImages(images, ctx.device)
         net = prepare(build_net(plan.network, c, h, self.k, plan.rotation), ctx.device)
@@ -284,11 +284,11 @@ class MMDC(Method):
         net.train()
         crop = AugmentConfig(crop=plan.augment.crop, crop_sides=plan.augment.crop_sides)
         for i, idx in enumerate(data.epoch(batch, trainer.key(epoch, 1))):
-            x = augment(data.take(idx).float() / 255.0, crop, trainer.key(epoch, 1, i))
+            x = augment(to_float(data.take(idx)), crop, trainer.key(epoch, 1, i))
             rotated, labels = four_rotations(x)
             with autocast(x.device):
                 loss = rotation_loss(net.rotation_logits(layout(rotated)).float(), labels)
-            _step(opt, loss)
+            optimizer_step(opt, loss)
             trainer.record(len(rotated), rot=loss)
 
     def _cluster_epoch(
@@ -306,7 +306,7 @@ class MMDC(Method):
         augmented view regresses them."""
         targets = trainer.extra["targets"]
         for idx in trainer.steps(data.epoch(batch, trainer.key(epoch))):
-            images = data.take(idx).float() / 255.0
+            images = to_float(data.take(idx))
             t = targets[idx].to(images.device)
             if not refine:
                 net.eval()
@@ -318,7 +318,7 @@ class MMDC(Method):
             aug = augment(images, plan.augment, trainer.key(epoch, 2, trainer.step))
             with autocast(images.device):
                 loss = target_loss(net(layout(aug)).float(), t)
-            _step(opt, loss)
+            optimizer_step(opt, loss)
             trainer.record(len(idx), loss=loss)
 
     @torch.no_grad()
@@ -328,9 +328,7 @@ class MMDC(Method):
         """k-means on the outputs of the inference view; the new labels are matched to the
         current targets' (Hungarian) and become one-hot targets."""
         net.eval()
-        z = map_batches(
-            data, 1024, lambda b: net(layout(centre_crop(b.float() / 255.0, plan.view)))
-        )
+        z = map_batches(data, 1024, lambda b: net(layout(centre_crop(to_float(b), plan.view))))
         # 10 restarts, the lowest objective kept (sklearn's n_init=10 in the authors' code): with
         # one, a run on MNIST-70k merged two digits at epoch 28 and the targets never split
         # them again (ACC 0.887, 9 clusters)
@@ -345,9 +343,3 @@ class MMDC(Method):
 
     def _sizes(self, trainer: Trainer) -> list[int]:
         return torch.bincount(trainer.extra["targets"].argmax(1), minlength=self.k).tolist()
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
