@@ -97,8 +97,11 @@ def test_depict_targets() -> None:
 def test_aecm_loss_terms() -> None:
     gamma = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     assert torch.isclose(cm.cm_sparsity(gamma, d=1), torch.tensor(0.25))
-    assert cm.orthonormality(torch.eye(3)) == 0
-    assert cm.orthonormality(torch.ones(2, 2)) > 0
+    for norm in ("l1", "l2"):
+        assert cm.orthonormality(torch.eye(3), norm) == 0
+    # off by 1 on both diagonal entries and 2 on both off-diagonal ones
+    assert cm.orthonormality(torch.ones(2, 2), "l1") == 6
+    assert cm.orthonormality(torch.ones(2, 2), "l2") == 10
     balanced = torch.full((4, 2), 0.5)
     skewed = torch.tensor([[0.99, 0.01]] * 4)
     assert cm.dirichlet_prior(skewed, alpha=2.0) > cm.dirichlet_prior(balanced, alpha=2.0)
@@ -110,6 +113,20 @@ def test_aecm_loss_terms() -> None:
     total = cm.cm_reconstruction(z, g @ u) + cm.cm_sparsity_weighted(g, u) + cm.cm_merging(g, u)
     distortion = (g * torch.cdist(z, u).pow(2)).sum() / z.numel()
     assert torch.isclose(total, distortion, atol=1e-5)
+
+
+def test_aecm_read_out_is_argmax_gamma() -> None:
+    torch.manual_seed(0)
+    module = cm.ClusteringModule(d=4, k=3, bias=True)
+    with torch.no_grad():
+        module.gamma.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))  # biases that change argmax
+    z = torch.randn(50, 4)
+    gamma, _ = module(z)
+    scores = torch.cat([z, torch.ones(50, 1)], dim=1) @ module.read_out().T
+    assert torch.equal(scores.argmax(1), gamma.argmax(1))
+    assert not torch.equal((z @ module.gamma.weight.T).argmax(1), gamma.argmax(1))
+    # u_k = μ(e_k): the decoder applied to the one-hot vectors, bias included
+    assert torch.allclose(module.centroids, module.mu(torch.eye(3)))
 
 
 def test_adc_association_losses() -> None:
@@ -144,6 +161,13 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(steps=100, reg_warmup_steps=100))
     with pytest.raises(UsageError, match="network"):
         adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]
+
+
+def test_aecm_rejects_bad_settings() -> None:
+    with pytest.raises(UsageError, match="orth"):
+        cm.AECM(3, cm.AECMConfig(orth="l3"))  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="eps"):
+        cm.AECM(3, cm.AECMConfig(eps=0))
 
 
 def test_mmdc_rotation_and_refinement_on_colour_images(tmp_path: Path) -> None:

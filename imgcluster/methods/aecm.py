@@ -9,10 +9,16 @@ and a Dirichlet prior on the cluster weights keeping clusters from emptying. Eve
 trained jointly with the autoencoder's reconstruction. Read-out: argmax γ, i.e. the largest
 inner product of z with the rows of W.
 
-Losses are normalised per sample (means over the batch), as in the authors' PyTorch
-example, so the weights do not depend on the batch size. Defaults are that example's
-settings (α = 1.1, β = 100, λ = 0.1, batch 256, AdamW lr 1e-3, ε = 1e-3) for every data set;
-the number of epochs is shorter than its 1000 (see docs/methods.md for the measurements).
+Losses are normalised per sample (means over the batch and the code's dimensions, as in the
+authors' PyTorch example), so the weights do not depend on the batch size. The defaults are the
+authors' published MNIST run (their TensorFlow code, ``Tuned_Param.py``: batch 500, β = 5, α =
+230, λ = 1 on a loss summed over the batch, Adam with ε = 1e-3, 1000 epochs) rewritten for the
+normalised loss: dividing it by n·d (n = 500 images, d = 10 code dimensions) gives β·D/d = 392
+on the pixel-mean reconstruction, α = 1 + 229/(n·d) = 1.0458, λ = 1/(n·d) = 2e-4 and, because
+Adam is blind to the loss's scale but not to ε, ε = 1e-3/(n·d) = 2e-7. The later PyTorch
+example's settings (β = 100, α = 1.1, λ = 0.1 squared, ε = 1e-3 on the normalised loss, AdamW
+weight decay 0.01) are not the paper's: its ε = 1e-3 against gradients thousands of times
+smaller than the TF code's damps every Adam step (see docs/methods.md).
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ def cm_sparsity(gamma: torch.Tensor, d: int) -> torch.Tensor:
     return (gamma * (1 - gamma)).sum() / (gamma.shape[0] * d)
 
 
-def orthonormality(u: torch.Tensor) -> torch.Tensor:
-    """E3 = Σ_{k,l} (u_kᵀ u_l − δ_kl)²: centroids kept orthonormal (replaces the merging term)."""
+def orthonormality(u: torch.Tensor, norm: Literal["l1", "l2"] = "l1") -> torch.Tensor:
+    """E3 = Σ_{k,l} |u_kᵀ u_l − δ_kl| (the TF code; ``l2``: squared, the PyTorch example):
+    centroids kept orthonormal, which replaces the plain CM's merging term."""
     eye = torch.eye(u.shape[0], device=u.device, dtype=u.dtype)
-    return (u @ u.T - eye).pow(2).sum()
+    gap = u @ u.T - eye
+    return gap.abs().sum() if norm == "l1" else gap.pow(2).sum()
 
 
 def dirichlet_prior(gamma: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -77,16 +85,30 @@ def ae_reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 class ClusteringModule(nn.Module):
-    """γ = softmax(W z) (K units, no bias, as the authors' example); z̃ = γ U, U = K×d centroids."""
+    """γ = softmax(W z + b) (K units); z̃ = γ U + c; centroid u_k = U_k + c (the TF code's CM,
+    Glorot weights; the PyTorch example drops both biases)."""
 
-    def __init__(self, d: int, k: int) -> None:
+    def __init__(self, d: int, k: int, bias: bool = True) -> None:
         super().__init__()
-        self.gamma = nn.Linear(d, k, bias=False)
-        self.mu = nn.Linear(k, d, bias=False)
+        self.gamma = nn.Linear(d, k, bias=bias)
+        self.mu = nn.Linear(k, d, bias=bias)
+        for layer in (self.gamma, self.mu):
+            nn.init.xavier_uniform_(layer.weight)
+            if bias:
+                nn.init.zeros_(layer.bias)
 
     @property
     def centroids(self) -> torch.Tensor:
-        return self.mu.weight.T  # K×d
+        """u_k = μ(e_k): the decoder's image of the one-hot vectors, K×d."""
+        u = self.mu.weight.T
+        return u + self.mu.bias if self.mu.bias is not None else u
+
+    def read_out(self) -> torch.Tensor:
+        """The rows [W | b] that score an embedding [z, 1] by inner product: argmax γ."""
+        w = self.gamma.weight.detach()
+        if self.gamma.bias is None:
+            return w
+        return torch.cat([w, self.gamma.bias.detach()[:, None]], dim=1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gamma = torch.softmax(self.gamma(z), dim=1)
@@ -95,18 +117,25 @@ class ClusteringModule(nn.Module):
 
 @register_embedder
 class AECMEmbedder(nn.Module):
-    """uint8 images -> pixels / 255, flattened -> the AE-CM encoder's code z."""
+    """uint8 images -> pixels / 255, flattened -> the AE-CM encoder's code z, with a constant 1
+    appended when the clustering module has a bias (so argmax γ is an inner-product search)."""
 
-    def __init__(self, in_dim: int, code_dim: int, hidden: list[int]) -> None:
+    def __init__(self, in_dim: int, code_dim: int, hidden: list[int], bias: bool = False) -> None:
         super().__init__()
-        self.in_dim, self.code_dim, self.hidden = in_dim, code_dim, list(hidden)
+        self.in_dim, self.code_dim, self.hidden, self.bias = in_dim, code_dim, list(hidden), bias
         self.encoder = MLPAutoencoder(in_dim, code_dim, tuple(hidden)).encoder
 
     def spec(self) -> dict[str, object]:
-        return {"in_dim": self.in_dim, "code_dim": self.code_dim, "hidden": self.hidden}
+        return {
+            "in_dim": self.in_dim,
+            "code_dim": self.code_dim,
+            "hidden": self.hidden,
+            "bias": self.bias,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x.flatten(1).float() / 255.0)
+        z = self.encoder(x.flatten(1).float() / 255.0)
+        return torch.cat([z, torch.ones_like(z[:, :1])], dim=1) if self.bias else z
 
 
 # -- the method -------------------------------------------------------------------------------
@@ -114,18 +143,20 @@ class AECMEmbedder(nn.Module):
 
 @dataclass
 class AECMConfig:
-    """Defaults: the authors' PyTorch example (normalised loss), fewer epochs."""
+    """Defaults: the authors' MNIST run (TF code) on the normalised loss (module docstring)."""
 
     init: Literal["rand", "pre"] = "rand"  # rand: all jointly from scratch; pre: AE + k-means first
-    epochs: int = 150  # joint training (the example: 1000)
-    batch_size: int = 256
-    code_dim: int = 0  # size of the code z; 0 = K (the example: 10 for MNIST)
-    alpha: float = 1.1  # Dirichlet concentration (> 1 keeps clusters populated)
-    beta: float = 100.0  # weight of the autoencoder's reconstruction
-    lbd: float = 0.1  # weight of the centroid orthonormality penalty
+    epochs: int = 1000  # joint training
+    batch_size: int = 500
+    code_dim: int = 0  # size of the code z; 0 = K (the authors: 10 for MNIST)
+    alpha: float = 1.0458  # Dirichlet concentration (> 1 keeps clusters populated)
+    beta: float = 392.0  # weight of the autoencoder's reconstruction (pixel mean)
+    lbd: float = 2e-4  # weight of the centroid orthonormality penalty
+    orth: Literal["l1", "l2"] = "l1"  # its form: |·| (TF code) or squared (PyTorch example)
+    bias: bool = True  # the clustering module's biases (TF code; the PyTorch example has none)
     lr: float = 1e-3
-    eps: float = 1e-3  # Adam's epsilon (the authors' setting)
-    weight_decay: float = 0.01  # AdamW's default, as the example
+    eps: float = 2e-7  # Adam's ε: the authors' 1e-3 on a loss n·d = 5000 times larger
+    weight_decay: float = 0.0  # plain Adam, as the TF code
     average: bool = True  # a final epoch whose weights are averaged over its steps
     pretrain_epochs: int = 100  # init=pre: AE pretraining (SGD lr 0.01, momentum 0.9)
     cm_epochs: int = 100  # init=pre: clustering module alone on the pretrained codes
@@ -136,8 +167,10 @@ class AECMConfig:
                 raise UsageError(f"parameter {name} must be >= {1 if name == 'batch_size' else 0}")
         if self.code_dim < 0:
             raise UsageError("parameter code_dim must be >= 0 (0 means K)")
-        if self.beta < 0 or self.lbd < 0 or self.lr <= 0:
-            raise UsageError("parameters beta, lbd must be >= 0 and lr > 0")
+        if self.beta < 0 or self.lbd < 0 or self.lr <= 0 or self.eps <= 0:
+            raise UsageError("parameters beta, lbd must be >= 0 and lr, eps > 0")
+        if self.orth not in ("l1", "l2"):
+            raise UsageError(f"parameter orth must be 'l1' or 'l2', not {self.orth!r}")
 
 
 @register
@@ -153,7 +186,7 @@ class AECM(Method):
         d = cfg.code_dim or self.k
         data = DeviceImages(images, ctx.device)
         ae = prepare(MLPAutoencoder(c * h * w, d), ctx.device)
-        cm = prepare(ClusteringModule(d, self.k), ctx.device)
+        cm = prepare(ClusteringModule(d, self.k, cfg.bias), ctx.device)
         trainer = Trainer(ctx, {"ae": ae, "cm": cm})
         batch = min(cfg.batch_size, n)
         if cfg.init == "pre":
@@ -169,10 +202,10 @@ class AECM(Method):
         self._joint("joint", cfg.epochs, trainer, data, ae, cm, opt, batch)
         if cfg.average:
             self._joint("average", 1, trainer, data, ae, cm, opt, batch, average=True)
-        embedder = AECMEmbedder(c * h * w, d, [500, 500, 2000]).to(ctx.device)
+        embedder = AECMEmbedder(c * h * w, d, [500, 500, 2000], cfg.bias).to(ctx.device)
         embedder.encoder.load_state_dict(ae.encoder.state_dict())
         return ClusterModel(
-            embedder, cm.gamma.weight.detach(), "ip", Preprocessing(h, c), self.name, asdict(cfg)
+            embedder, cm.read_out(), "ip", Preprocessing(h, c), self.name, asdict(cfg)
         )
 
     def _joint(
@@ -202,7 +235,7 @@ class AECM(Method):
                     "rec": ae_reconstruction(x, ae.reconstruct(z)),
                     "e1": cm_reconstruction(z, z_tilde),
                     "e2": cm_sparsity(gamma, z.shape[1]),
-                    "e3": orthonormality(cm.centroids),
+                    "e3": orthonormality(cm.centroids, cfg.orth),
                     "e4": dirichlet_prior(gamma, cfg.alpha),
                 }
                 loss = (
@@ -258,6 +291,9 @@ class AECM(Method):
                 centres = centres / scale
                 cm.mu.weight.copy_(centres.T)
                 cm.gamma.weight.copy_(torch.linalg.pinv(centres).T)
+                for bias in (cm.gamma.bias, cm.mu.bias):
+                    if bias is not None:
+                        bias.zero_()
             trainer.extra["codes"] = z / scale
         z = trainer.extra.get("codes")  # absent when resuming past the "cm" phase
         adam = make_optimizer(
