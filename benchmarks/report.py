@@ -30,7 +30,9 @@ whose exact command, device, date and commit are listed with it.
 
 - **ACC**: accuracy under the best one-to-one matching of clusters to classes (Hungarian);
   **NMI**: normalised mutual information, arithmetic mean; **ARI**: adjusted Rand index.
-  Mean ± sample standard deviation over the seeds shown.
+  Mean ± sample standard deviation over the seeds shown. A row is the latest invocation;
+  when it started past seed 0 (`--first-seed`, long CPU runs go a seed at a time) the lower
+  seeds come from the latest earlier invocations, and every command and commit is listed.
 - **Protocol**: `pooled` trains and scores on train + test together (DEPICT, MMDC, AE-CM and
   the k-means baseline, as their papers); `split` trains on the train split and scores the test
   split through `imgcluster assign` (ADC, as its paper); `test` trains and scores on the test
@@ -80,7 +82,27 @@ def _latest_batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]
             json.dumps(r.get("params", {}), sort_keys=True),
         )
         groups[key][r["batch"]].append(r)
-    return [sorted(b[max(b)], key=lambda r: r["seed"]) for _, b in sorted(groups.items())]
+    return [_seed_series(b) for _, b in sorted(groups.items())]
+
+
+def _seed_series(batches: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The latest batch, plus, when it started past seed 0 (``--first-seed``), the lower seeds
+    from the latest earlier batches that ran them: long CPU runs go one seed a session."""
+    order = sorted(batches, reverse=True)
+    series = list(batches[order[0]])
+    for name in order[1:]:
+        low = min(r["seed"] for r in series)
+        series += [r for r in batches[name] if r["seed"] < low]
+    return sorted(series, key=lambda r: r["seed"])
+
+
+def _joined(batch: list[dict[str, Any]], field: str, fmt: str = "{}") -> str:
+    """A field's distinct values over a seed series, in seed order."""
+    return ", ".join(fmt.format(v) for v in dict.fromkeys(r[field] for r in batch))
+
+
+def _commands(batch: list[dict[str, Any]]) -> str:
+    return "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in batch))
 
 
 def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
@@ -118,12 +140,12 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
                     f"{r['train_images'] / feats:,.0f}" if computed else "",
                     _mean_std([b["seconds"]["train"] for b in batch], 1),
                     r["device_name"],
-                    r["date"],
-                    f"`{r['commit']}` |",
+                    _joined(batch, "date"),
+                    _joined(batch, "commit", "`{}`") + " |",
                 ]
             )
         )
-        commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: `{r['command']}`")
+        commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: {_commands(batch)}")
     return [*out, "\nCommands:\n", *commands, ""]
 
 
@@ -181,12 +203,12 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
                         _mean_std([b["seconds"]["assign"] for b in batch], 1),
                         f"{statistics.mean(b['train_images_per_s'] for b in batch):,.0f}",
                         r["device_name"],
-                        r["date"],
-                        f"`{r['commit']}` |",
+                        _joined(batch, "date"),
+                        _joined(batch, "commit", "`{}`") + " |",
                     ]
                 )
             )
-            commands.append(f"- {r['method']} ({settings}): `{r['command']}`")
+            commands.append(f"- {r['method']} ({settings}): {_commands(batch)}")
         out.append("\nCommands:\n")
         out += commands
         notes = [f"- {m}: {p['source']}" for m, p in sorted(papers.get(dataset, {}).items())]
