@@ -96,13 +96,9 @@ def _seed_series(batches: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any
     return sorted(series, key=lambda r: r["seed"])
 
 
-def _joined(batch: list[dict[str, Any]], field: str, fmt: str = "{}") -> str:
+def _joined(batch: list[dict[str, Any]], field: str, fmt: str = "{}", sep: str = ", ") -> str:
     """A field's distinct values over a seed series, in seed order."""
-    return ", ".join(fmt.format(v) for v in dict.fromkeys(r[field] for r in batch))
-
-
-def _commands(batch: list[dict[str, Any]]) -> str:
-    return "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in batch))
+    return sep.join(fmt.format(v) for v in dict.fromkeys(r[field] for r in batch))
 
 
 def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
@@ -145,7 +141,8 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
                 ]
             )
         )
-        commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: {_commands(batch)}")
+        cmds = _joined(batch, "command", "`{}`", "; ")
+        commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: {cmds}")
     return [*out, "\nCommands:\n", *commands, ""]
 
 
@@ -208,7 +205,8 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
                     ]
                 )
             )
-            commands.append(f"- {r['method']} ({settings}): {_commands(batch)}")
+            cmds = _joined(batch, "command", "`{}`", "; ")
+            commands.append(f"- {r['method']} ({settings}): {cmds}")
         out.append("\nCommands:\n")
         out += commands
         notes = [f"- {m}: {p['source']}" for m, p in sorted(papers.get(dataset, {}).items())]
