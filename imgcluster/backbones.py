@@ -126,11 +126,38 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _bn(1280)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = self.trunk(x)
+        x = F.relu6(self._bn1(self._conv_head(self._blocks[-1](x))))
         return x.mean((2, 3))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the last block: N×3×224×224 -> N×192×7×7."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[:-1]:
+            x = block(x)
+        return x
+
+
+class Lite0Tail(nn.Module):
+    """The last MBConv block, the 1×1 head convolution and the pool of an
+    ``EfficientNetLite0``: N×192×h×w maps -> N×1280. It holds the network's own layers, so
+    training it trains the network."""
+
+    def __init__(self, net: EfficientNetLite0) -> None:
+        super().__init__()
+        self.block, self.conv, self.norm = net._blocks[-1], net._conv_head, net._bn1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self.norm(self.conv(self.block(x)))).mean((2, 3))
+
+
+def split(net: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module] | None:
+    """(trunk, tail) with ``tail(trunk(x)) == net(x)``, the tail a module whose training
+    changes ``net``; None for a network whose last block is not known (only EfficientNet-Lite0
+    so far: its last block's input is 19 KB an image in float16, a ResNet-50's 200 KB)."""
+    if isinstance(net, EfficientNetLite0):
+        return net.trunk, Lite0Tail(net)
+    return None
 
 
 def fold_batch_norms(net: nn.Module) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,21 @@ class BackboneEmbedder(nn.Module):
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's raw pooled features (no normalisation)."""
+        return self.through(self.net, images)
+
+    def through(
+        self, part: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+    ) -> torch.Tensor:
+        """``part`` of the network on uint8 ``images`` (the backbone's input transform first),
+        in float32."""
+        x = self.network_input(images)
+        if x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return part(x).float()
+        return part(x).float()
+
+    def network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×C×H×W -> the backbone's input: RGB, its size, its normalisation."""
         x = images.float().div_(255.0)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -79,11 +95,7 @@ class BackboneEmbedder(nn.Module):
                 align_corners=False,
                 antialias=x.shape[-1] > self.input_size,  # only shrinking needs it
             )
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        if x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.net(x).float()
-        return self.net(x).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def finish(self, f: torch.Tensor) -> torch.Tensor:
         """Pooled features -> what the centroids are compared with."""
@@ -124,6 +136,33 @@ def extract(
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
+@torch.no_grad()
+def extract_maps(
+    embedder: BackboneEmbedder,
+    trunk: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray,
+    device: torch.device,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """The ``trunk``'s output maps of uint8 N×C×H×W ``images`` and of their mirror images:
+    float16 N×2×C'×h×w (view 0 the image, view 1 its mirror; the mirror is the one
+    augmentation that needs the whole network, so it is computed here once)."""
+    reporter = reporter or Reporter(quiet=True)
+    batch = 256 if device.type == "cuda" else 32
+    out: np.ndarray | None = None
+    with reporter.task(f"feature maps ({embedder.backbone})", total=len(images)) as bar:
+        for start in range(0, len(images), batch):
+            part = torch.from_numpy(np.array(images[start : start + batch])).to(device)
+            views = [embedder.through(trunk, v) for v in (part, part.flip(-1))]
+            maps = torch.stack(views, 1).half().cpu().numpy()
+            if out is None:
+                out = np.empty((len(images), *maps.shape[1:]), dtype=np.float16)
+            out[start : start + len(part)] = maps
+            bar.advance(len(part))
+    assert out is not None
+    return out
+
+
 def cached_features(
     embedder: BackboneEmbedder,
     weights_id: str,
@@ -134,21 +173,59 @@ def cached_features(
 ) -> np.ndarray:
     """``extract`` through a cache file keyed by the backbone, its weights, the working size
     and the images' root, names, sizes and times; ``cache_dir`` None: no cache."""
+    return _cached(
+        lambda: extract(embedder, decoded.images, device, reporter=reporter),
+        np.float32,
+        cache_dir,
+        _key(embedder.backbone, weights_id, decoded),
+        len(decoded.files),
+    )
+
+
+def cached_maps(
+    embedder: BackboneEmbedder,
+    trunk: Callable[[torch.Tensor], torch.Tensor],
+    weights_id: str,
+    decoded: Decoded,
+    device: torch.device,
+    cache_dir: Path | None,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """``extract_maps`` through a cache file (as ``cached_features``), memory-mapped."""
+    key = _key(embedder.backbone, weights_id, decoded).replace(".npy", "-maps.npy")
+    return _cached(
+        lambda: extract_maps(embedder, trunk, decoded.images, device, reporter),
+        np.float16,
+        cache_dir,
+        key,
+        len(decoded.files),
+        mmap=True,
+    )
+
+
+def _cached(
+    compute: Callable[[], np.ndarray],
+    dtype: type,
+    cache_dir: Path | None,
+    name: str,
+    n: int,
+    mmap: bool = False,
+) -> np.ndarray:
     if cache_dir is None:
-        return extract(embedder, decoded.images, device, reporter=reporter)
-    path = Path(cache_dir, "features", _key(embedder.backbone, weights_id, decoded))
+        return compute()
+    path = Path(cache_dir, "features", name)
     if path.is_file():
         try:
-            cached = np.load(path)
-            if cached.shape[0] == len(decoded.files) and cached.dtype == np.float32:
+            cached = np.load(path, mmap_mode="r" if mmap else None)
+            if cached.shape[0] == n and cached.dtype == dtype:
                 return cached
         except (OSError, ValueError):
             pass  # a damaged file is recomputed and replaced
-    feats = extract(embedder, decoded.images, device, reporter=reporter)
+    values = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, feats)
-    return feats
+        np.save(fh, values)
+    return np.load(path, mmap_mode="r") if mmap else values
 
 
 def weights_id(weights: Path | None) -> str:

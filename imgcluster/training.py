@@ -341,16 +341,22 @@ def _fit_features(
     """Backbone features (cached) -> the method's centroids; the model embeds with the backbone,
     and the training images' embeddings come from the features already computed."""
     embedder = features.load_embedder(job.backbone, job.weights, job.device)
-    feats = features.cached_features(
-        embedder,
-        features.weights_id(job.weights),
-        decoded,
-        job.device,
-        feature_cache,
-        ctx.reporter,
-    )
-    clock.lap("features")
-    fit = job.algo.fit_features(feats, ctx)
+    weights_id = features.weights_id(job.weights)
+    parts = backbones.split(embedder.net)
+    if parts is not None and job.algo.tunes_tail(True):
+        trunk, tail = parts
+        maps = features.cached_maps(
+            embedder, trunk, weights_id, decoded, job.device, feature_cache, ctx.reporter
+        )
+        clock.lap("features")
+        fit, feats = job.algo.fit_tail(maps, tail, ctx)
+    else:
+        job.algo.tunes_tail(parts is not None)  # raises when the config asks for a tail
+        feats = features.cached_features(
+            embedder, weights_id, decoded, job.device, feature_cache, ctx.reporter
+        )
+        clock.lap("features")
+        fit = job.algo.fit_features(feats, ctx)
     clock.lap("fit")
     embedder.normalize, embedder.append_one = fit.normalize, fit.append_one
     z = embedder.finish(torch.from_numpy(feats).to(job.device))

@@ -8,13 +8,15 @@ weights when the `pretrained` extra is installed.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+import torchvision
+from safetensors.torch import load_file, save_file
 
 from imgcluster import assign, backbones, features, train
 from imgcluster.errors import UsageError
@@ -90,9 +92,87 @@ def test_scan_trains_from_a_weights_file_and_assign_agrees(
     assert _labels(tmp_path / "a.csv") == _labels(result.run_dir / "labels.csv")
 
 
-def test_torchvision_backbone_from_a_weights_file(tmp_path: Path) -> None:
-    import torchvision
+def _log(run_dir: Path, phase: str) -> list[dict]:
+    lines = (run_dir / "train.log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("phase") == phase]
 
+
+def test_scan_trains_the_last_block_caches_its_input_and_assign_agrees(
+    tmp_path: Path, lite0_random: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = make_toy_folder(tmp_path / "imgs", per_class=8, colour=True)
+    calls: list[int] = []
+    real = features.extract_maps
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "extract_maps", counting)
+    common = dict(
+        method="scan",
+        backbone="efficientnet-lite0",
+        weights=lite0_random,
+        cache_dir=tmp_path / "cache",
+    )
+    params = {"tune_epochs": 30, "batch_size": 8, "self_label_epochs": 2, "neighbours": 3}
+    run = train([folder], 3, params=params, out=tmp_path / "run", **common)
+    assert calls == [1] and list((tmp_path / "cache" / "features").glob("*-maps.npy"))
+    tuned = _log(run.run_dir, "scan-tune")
+    losses = [r["loss"] for r in tuned]
+    assert len(losses) == 30 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    # the saved backbone is the tuned one: its last block moved, the layers before it did not
+    saved = load_file(str(run.run_dir / "model.safetensors"))
+    embedder = features.load_embedder("efficientnet-lite0", lite0_random, torch.device("cpu"))
+    before = {f"embedder.{k}": v for k, v in embedder.state_dict().items()}
+    assert torch.equal(
+        saved["embedder.net._conv_stem.weight"], before["embedder.net._conv_stem.weight"]
+    )
+    last = "embedder.net._blocks.15._project_conv.weight"
+    assert not torch.allclose(saved[last], before[last])
+    assign(run.run_dir, [folder], out=tmp_path / "a.csv")
+    assert _labels(tmp_path / "a.csv") == _labels(run.run_dir / "labels.csv")
+    # a second run reads the cached maps; tune=frozen takes the pooled features instead
+    train([folder], 3, params=params, out=tmp_path / "run2", seed=1, **common)
+    assert calls == [1]
+    frozen = train(
+        [folder], 3, params={**params, "tune": "frozen"}, out=tmp_path / "run3", **common
+    )
+    assert not _log(frozen.run_dir, "scan-tune") and _log(frozen.run_dir, "scan")
+
+
+def test_tuning_a_backbone_without_a_known_last_block_is_a_clear_error(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    folder = make_toy_folder(tmp_path / "imgs", per_class=4)
+    with pytest.raises(UsageError, match="tune=last-block needs a backbone"):
+        train(
+            [folder],
+            2,
+            method="scan",
+            backbone="torchvision:resnet18",
+            weights=path,
+            params={"tune": "last-block"},
+            out=tmp_path / "run",
+            use_cache=False,
+        )
+    with pytest.raises(UsageError, match="parameter tune must be one of"):
+        get_method("scan").make_config({"tune": "all"}).validate()
+
+
+def test_the_split_backbone_computes_the_same_features() -> None:
+    torch.manual_seed(0)
+    net, _ = backbones.build("efficientnet-lite0")
+    trunk, tail = backbones.split(net)  # type: ignore[misc]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(tail(trunk(x)), net(x), atol=1e-6)
+    assert set(tail.parameters()) <= set(net.parameters())
+    assert backbones.split(torch.nn.Linear(2, 2)) is None
+
+
+def test_torchvision_backbone_from_a_weights_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
     state = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "r18.pt"

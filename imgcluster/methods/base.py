@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..engine import Checkpointer
 from ..errors import UsageError
@@ -86,6 +87,20 @@ class Method(ABC):
         raise UsageError(
             f"method {self.name} trains its own network on the pixels; use --backbone none"
         )
+
+    def tunes_tail(self, splittable: bool) -> bool:
+        """Whether this fit trains the backbone's last block (``fit_tail``) rather than
+        clustering its frozen features; ``splittable``: the backbone's last block is known
+        (``backbones.split``). UsageError when the config asks for what the backbone can't."""
+        return False
+
+    def fit_tail(
+        self, maps: np.ndarray, tail: nn.Module, ctx: FitContext
+    ) -> tuple[FeatureFit, np.ndarray]:
+        """Cluster with ``tail`` (the backbone's last block and pool, trained in place) on
+        ``maps`` (float16 N×2×C×h×w: the input of that block for each image and its mirror);
+        returns the fit and the tuned pooled features of the images (float32 N×D)."""
+        raise NotImplementedError(f"method {self.name} does not train a backbone")
 
     @classmethod
     def check_input(cls, backbone: str) -> None:
