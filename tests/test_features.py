@@ -281,6 +281,28 @@ def test_scan_clusters_separable_features() -> None:
     assert accuracy(truth, logits.argmax(1).numpy()) > 0.95
 
 
+def test_scan_keeps_its_head_when_self_labelling_empties_a_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(0)
+    k, per, d = 4, 60, 32
+    centres = rng.normal(size=(k, d)) * 3
+    feats = np.concatenate([c + rng.normal(size=(per, d)) for c in centres]).astype(np.float32)
+    method = get_method("scan")
+    scan = method(k, method.make_config({"epochs": 30, "lr": 1e-3, "self_label_epochs": 1}))
+
+    def collapse(head: torch.nn.Linear, *args: object) -> None:
+        with torch.no_grad():  # what a runaway self-labelling does: one cluster takes all
+            head.weight.zero_()
+            head.bias.copy_(torch.arange(k, dtype=torch.float32))
+
+    monkeypatch.setattr(scan, "_self_label", collapse)
+    fit = scan.fit_features(feats, FitContext())
+    z = torch.nn.functional.normalize(torch.from_numpy(feats), dim=1)
+    labels = (torch.cat([z, torch.ones(len(z), 1)], 1) @ fit.centroids.T).argmax(1)
+    assert labels.unique().numel() == k
+
+
 def test_mined_neighbours_leave_the_point_out() -> None:
     z = np.eye(5, dtype=np.float32)[[0, 0, 1, 1, 2, 2]]  # pairs of duplicates
     found = mine_neighbours(z, 1)

@@ -166,10 +166,27 @@ class SCAN(Method):
         with torch.no_grad():
             head.weight.copy_(w)
             head.bias.copy_(b)
+        before = {k: v.clone() for k, v in head.state_dict().items()}
+        used = self._used_clusters(head, z)
         self._self_label(head, z, gen, ctx)
+        if self._used_clusters(head, z) < used:
+            # a cluster with no confident images gets no weight and can die out; the user
+            # asked for K groups, so the head from before self-labelling is kept
+            head.load_state_dict(before)
+            ctx.log(
+                {
+                    "phase": "self-label",
+                    "kept": "the head before self-labelling, which used more clusters",
+                }
+            )
         weight = head.weight.detach() * math.sqrt(z.shape[1])  # the read-out is at unit norm
         centroids = torch.cat([weight, head.bias.detach()[:, None]], 1).cpu()
         return FeatureFit(centroids, "ip", normalize=True, append_one=True)
+
+    @torch.no_grad()
+    def _used_clusters(self, head: torch.nn.Linear, z: torch.Tensor) -> int:
+        """How many clusters the head gives at least one image."""
+        return int(torch.cat([head(part).argmax(1) for part in z.split(4096)]).unique().numel())
 
     def _tune(
         self,
