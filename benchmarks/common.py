@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,28 @@ def materialise(dataset: str, data: Path, work: Path) -> dict[str, Path]:
             _run([sys.executable, str(script), dataset, str(folder), "--split", split])
     (root / ".complete").write_text("")
     return folders
+
+
+def dev_split(folders: dict[str, Path], per_class: int) -> Path:
+    """A development split: the first ``per_class`` files (by name) of each class folder of the
+    train split, hard-linked (copied where links fail) into a sibling folder, made once."""
+    if "train" not in folders:
+        raise SystemExit("this data set has no train split to take a development split from")
+    train = folders["train"]
+    dev = train.parent / f"dev-{per_class}"
+    if (dev / ".complete").exists():
+        return dev
+    for cls in sorted(p for p in train.iterdir() if p.is_dir()):
+        (dev / cls.name).mkdir(parents=True, exist_ok=True)
+        for src in sorted(cls.iterdir())[:per_class]:
+            dst = dev / cls.name / src.name
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+    (dev / ".complete").write_text("")
+    return dev
 
 
 def _run(cmd: list[str]) -> None:

@@ -8,8 +8,10 @@ The data set is written once as folders of image files (class folders; cached un
 per invocation, so the first seed's decode time is a cold one), and scored with
 imgcluster.evaluate against the folder names. The protocol is the paper's: train and score on
 train+test pooled (DEPICT, MMDC, AE-CM, and the k-means baseline), or train on the train split
-and score the test split with imgcluster.assign (ADC); --protocol overrides it, and `test`
-trains and scores on the test split alone.
+and score the test split with imgcluster.assign (ADC); --protocol overrides it, `test`
+trains and scores on the test split alone, and `dev` on a development split: the first
+--dev-per-class images (by name) of each class of the train split, where defaults are chosen
+without touching the test split.
 
 One JSON per seed goes to benchmarks/results/ (or --results): ACC, NMI, ARI, the wall time of
 decode / train / assign, training images/s, peak GPU and host memory, the device, the commit
@@ -45,6 +47,8 @@ def main() -> None:
     device = resolve_device(args.device)
     folders = common.materialise(args.dataset, args.data, args.work)
     protocol = args.protocol or PAPER_PROTOCOL.get(args.method, "pooled")
+    if protocol == "dev":
+        folders = {"dev": common.dev_split(folders, args.dev_per_class)}
     train_on, score_on = _splits(folders, protocol)
     params = dict(p.split("=", 1) for p in args.param)
     batch = f"{common.stamp()}-{args.dataset}-{_tag(args)}"
@@ -86,7 +90,10 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--k", default=None, help="clusters: the true K (default) or auto")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--protocol", choices=["pooled", "split", "test"])
+    ap.add_argument("--protocol", choices=["pooled", "split", "test", "dev"])
+    ap.add_argument(
+        "--dev-per-class", type=int, default=1000, help="images a class, --protocol dev"
+    )
     ap.add_argument("--param", action="append", default=[], help="method KEY=VALUE (repeatable)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int)
@@ -119,6 +126,8 @@ def _splits(folders: dict[str, Path], protocol: str) -> tuple[list[Path], list[P
         if protocol == "split":
             raise SystemExit("usps_11k has no train/test split")
         return [folders["all"]], None
+    if protocol == "dev":
+        return [folders["dev"]], None
     if protocol == "pooled":
         return [folders["train"], folders["test"]], None
     if protocol == "test":
