@@ -5,11 +5,12 @@ SCAN's premise is that an image and its nearest neighbours in a good feature spa
 the same class. Its clustering step trains a softmax head so that every image and a mined
 neighbour get the same confident prediction, while an entropy term spreads the images over all
 K clusters; a self-labelling step then trains on the head's own confident predictions. Here the
-backbone stays frozen (a pretrained ImageNet network), so the step trains linear heads on the
-cached features and costs seconds; neighbours are mined once with FAISS. Why SCAN and not TEMI
-or TURTLE: it needs nothing but the features and their neighbours, its loss has one weight
-that its authors kept fixed across data sets, and it picks among its heads by its own loss,
-with no labels (docs/methods.md).
+backbone stays frozen by default (a pretrained ImageNet network), so the step trains linear
+heads on the cached features and costs seconds; neighbours are mined once with FAISS.
+``tune=last-block`` trains EfficientNet-Lite0's last block with the heads, on cached maps.
+Why SCAN and not TEMI or TURTLE: it needs nothing but the features and their neighbours, its
+loss has one weight that its authors kept fixed across data sets, and it picks among its heads
+by its own loss, with no labels (docs/methods.md).
 
 Defaults are the paper's clustering-step settings (20 neighbours, entropy weight 5, 10 heads,
 Adam lr 1e-4, weight decay 1e-4, batch 128) and self-labelling threshold 0.99.
