@@ -191,7 +191,7 @@ def cached_maps(
     cache_dir: Path | None,
     reporter: Reporter | None = None,
 ) -> np.ndarray:
-    """``extract_maps`` through a cache file (as ``cached_features``), memory-mapped."""
+    """``extract_maps`` through a cache file (as ``cached_features``)."""
     key = _key(embedder.backbone, weights_id, decoded).replace(".npy", "-maps.npy")
     return _cached(
         lambda: extract_maps(embedder, trunk, decoded.images, device, reporter),
@@ -199,7 +199,6 @@ def cached_maps(
         cache_dir,
         key,
         len(decoded.files),
-        mmap=True,
     )
 
 
@@ -209,14 +208,13 @@ def _cached(
     cache_dir: Path | None,
     name: str,
     n: int,
-    mmap: bool = False,
 ) -> np.ndarray:
     if cache_dir is None:
         return compute()
     path = Path(cache_dir, "features", name)
     if path.is_file():
         try:
-            cached = np.load(path, mmap_mode="r" if mmap else None)
+            cached = np.load(path)
             if cached.shape[0] == n and cached.dtype == dtype:
                 return cached
         except (OSError, ValueError):
@@ -225,7 +223,7 @@ def _cached(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, values)
-    return np.load(path, mmap_mode="r") if mmap else values
+    return values
 
 
 def weights_id(weights: Path | None) -> str:

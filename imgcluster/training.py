@@ -343,7 +343,8 @@ def _fit_features(
     embedder = features.load_embedder(job.backbone, job.weights, job.device)
     weights_id = features.weights_id(job.weights)
     parts = backbones.split(embedder.net)
-    if parts is not None and job.algo.tunes_tail(True):
+    if job.algo.tunes_tail(parts is not None):  # raises when asked for a tail there is not
+        assert parts is not None
         trunk, tail = parts
         maps = features.cached_maps(
             embedder, trunk, weights_id, decoded, job.device, feature_cache, ctx.reporter
@@ -351,7 +352,6 @@ def _fit_features(
         clock.lap("features")
         fit, feats = job.algo.fit_tail(maps, tail, ctx)
     else:
-        job.algo.tunes_tail(parts is not None)  # raises when the config asks for a tail
         feats = features.cached_features(
             embedder, weights_id, decoded, job.device, feature_cache, ctx.reporter
         )

@@ -45,19 +45,25 @@ def _labels(path: Path) -> dict[str, str]:
         }
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap ``features.<name>`` so that each call appends 1 to the returned list."""
+    calls: list[int] = []
+    real = getattr(features, name)
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, name, counting)
+    return calls
+
+
 def test_kmeans_on_backbone_features_trains_reloads_and_reuses_the_cache(
     tmp_path: Path, lite0_random: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = make_toy_folder(tmp_path / "imgs", per_class=6, colour=True)
     cache = tmp_path / "cache"
-    calls: list[int] = []
-    real_extract = features.extract
-
-    def counting_extract(*args: object, **kwargs: object) -> np.ndarray:
-        calls.append(1)
-        return real_extract(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(features, "extract", counting_extract)
+    calls = _count_calls(monkeypatch, "extract")
     common = dict(method="kmeans", backbone="efficientnet-lite0", weights=lite0_random)
     first = train([folder], 3, out=tmp_path / "r1", cache_dir=cache, **common)
     assert first.timings["features"] >= 0 and calls == [1]
@@ -101,14 +107,7 @@ def test_scan_trains_the_last_block_caches_its_input_and_assign_agrees(
     tmp_path: Path, lite0_random: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = make_toy_folder(tmp_path / "imgs", per_class=8, colour=True)
-    calls: list[int] = []
-    real = features.extract_maps
-
-    def counting(*args: object, **kwargs: object) -> np.ndarray:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(features, "extract_maps", counting)
+    calls = _count_calls(monkeypatch, "extract_maps")
     common = dict(
         method="scan",
         backbone="efficientnet-lite0",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -139,7 +140,7 @@ class SCAN(Method):
         n = len(maps)
         self.check_count(n)
         gen = torch.Generator().manual_seed(ctx.seed)
-        x = torch.from_numpy(np.array(maps)).to(ctx.device)  # read into memory (a memory map)
+        x = torch.from_numpy(np.ascontiguousarray(maps)).to(ctx.device)
         start = time.perf_counter()
         frozen = [pooled(tail, x[:, view]) for view in (0, 1)]
         space = neighbour_space((frozen[0] + frozen[1]) / 2).cpu().numpy()
@@ -202,27 +203,20 @@ class SCAN(Method):
         """SCAN's clustering step with the backbone's last block trained too: each image and
         a mined neighbour, each as a random view (the image or its mirror, a random crop of
         the block's input maps), should get the same confident prediction."""
-        cfg: SCANConfig = self.config
-        params = list(tail.parameters()) + list(heads.parameters())
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n, side = len(x), x.shape[-1]
+        side = x.shape[-1]
         crops = [c for c in (side - 2, side - 1, side) if c >= 1]
         scale = math.sqrt(heads.in_features)
+
+        def embed(idx: torch.Tensor, nb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            size = crops[int(torch.randint(len(crops), (1,), generator=gen))]
+            views = torch.cat([random_view(x, i, size, gen) for i in (idx, nb)])
+            z = F.normalize(tail(views), dim=1) * scale
+            return z[: len(idx)], z[len(idx) :]
+
         tail.train()
-        for epoch in range(cfg.tune_epochs):
-            total = torch.zeros(cfg.heads, device=x.device)
-            for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                pick = torch.randint(neighbours.shape[1], (len(idx),), generator=gen)
-                nb = neighbours[idx.to(x.device), pick.to(x.device)].cpu()
-                size = crops[int(torch.randint(len(crops), (1,), generator=gen))]
-                views = torch.cat([random_view(x, i, size, gen) for i in (idx, nb)])
-                p = self._probs(heads, F.normalize(tail(views), dim=1) * scale)
-                losses = self._losses(p[: len(idx)], p[len(idx) :])
-                optimizer_step(opt, losses.sum())
-                total += losses.detach() * len(idx) / n
-            ctx.log(
-                {"phase": "scan-tune", "epoch": epoch + 1, "loss": round(float(total.min()), 5)}
-            )
+        params = list(tail.parameters()) + list(heads.parameters())
+        epochs = self.config.tune_epochs
+        self._train("scan-tune", heads, params, embed, len(x), neighbours, epochs, gen, ctx)
         tail.eval()
 
     def _probs(self, heads: torch.nn.Linear, z: torch.Tensor) -> torch.Tensor:
@@ -247,20 +241,41 @@ class SCAN(Method):
         gen: torch.Generator,
         ctx: FitContext,
     ) -> None:
+        def embed(idx: torch.Tensor, nb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return z[idx], z[nb]
+
+        params = list(heads.parameters())
+        epochs = self.config.epochs
+        self._train("scan", heads, params, embed, len(z), neighbours, epochs, gen, ctx)
+
+    def _train(
+        self,
+        phase: str,
+        heads: torch.nn.Linear,
+        params: list[torch.nn.Parameter],
+        embed: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        n: int,
+        neighbours: torch.Tensor,
+        epochs: int,
+        gen: torch.Generator,
+        ctx: FitContext,
+    ) -> None:
+        """The clustering step's loop: each image and a random one of its neighbours,
+        ``embed``ded (anchors, neighbours), go through all heads; Adam on ``params``."""
         cfg: SCANConfig = self.config
-        opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n = len(z)
-        for epoch in range(cfg.epochs):
-            total = torch.zeros(cfg.heads, device=z.device)
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        device = neighbours.device
+        for epoch in range(epochs):
+            total = torch.zeros(cfg.heads, device=device)
             for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                idx = idx.to(z.device)
+                idx = idx.to(device)
                 pick = torch.randint(neighbours.shape[1], (len(idx),), generator=gen)
-                nb = neighbours[idx, pick.to(z.device)]
-                losses = self._losses(self._probs(heads, z[idx]), self._probs(heads, z[nb]))
+                z_a, z_n = embed(idx, neighbours[idx, pick.to(device)])
+                losses = self._losses(self._probs(heads, z_a), self._probs(heads, z_n))
                 # the heads are independent: one backward for all
                 optimizer_step(opt, losses.sum())
                 total += losses.detach() * len(idx) / n
-            ctx.log({"phase": "scan", "epoch": epoch + 1, "loss": round(float(total.min()), 5)})
+            ctx.log({"phase": phase, "epoch": epoch + 1, "loss": round(float(total.min()), 5)})
 
     @torch.no_grad()
     def _best_head(
