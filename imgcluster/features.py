@@ -21,6 +21,7 @@ from torch import nn
 from . import backbones
 from .atomic import atomic_path
 from .cache import Decoded
+from .methods.base import FeatureFit
 from .model import register_embedder
 from .report import Reporter
 
@@ -30,10 +31,12 @@ FEATURES_VERSION = 2  # bump when the computation changes: old cache files are i
 @register_embedder
 class BackboneEmbedder(nn.Module):
     """uint8 images -> grey to RGB, resize to the backbone's input, its normalisation -> pooled
-    features -> L2-normalised when ``normalize`` -> with a trailing 1 when ``append_one`` (a
-    linear head's bias becomes a centroid coordinate, so argmax(Wf + b) is one inner-product
-    search). ``folded``: the backbone's batch norms are folded into its convolutions
-    (``backbones.fold_batch_norms``; the saved weights are then the folded ones)."""
+    features (averaged with the mirror image's when ``mirror``) -> signed square root when
+    ``signed_sqrt`` -> minus a stored mean when ``centred`` -> L2-normalised when
+    ``normalize`` -> with a trailing 1 when ``append_one`` (a linear head's bias becomes a
+    centroid coordinate, so argmax(Wf + b) is one inner-product search). ``folded``: the
+    backbone's batch norms are folded into its convolutions (``backbones.fold_batch_norms``;
+    the saved weights are then the folded ones)."""
 
     def __init__(
         self,
@@ -41,14 +44,24 @@ class BackboneEmbedder(nn.Module):
         normalize: bool = True,
         append_one: bool = False,
         folded: bool = False,
+        mirror: bool = False,
+        signed_sqrt: bool = False,
+        centred: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, self.normalize, self.append_one = backbone, normalize, append_one
+        self.mirror, self.signed_sqrt = mirror, signed_sqrt
         self.net, spec = backbones.build(backbone)
         self.folded = folded and backbones.fold_batch_norms(self.net)
         self.input_size = spec.input_size
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        # a buffer once set (saved with the weights); zeros here are filled by load_state_dict
+        self.register_buffer("centre", torch.zeros(spec.dim) if centred else None)
+
+    @property
+    def centred(self) -> bool:
+        return self.centre is not None
 
     def spec(self) -> dict[str, object]:
         return {
@@ -56,7 +69,18 @@ class BackboneEmbedder(nn.Module):
             "normalize": self.normalize,
             "append_one": self.append_one,
             "folded": self.folded,
+            "mirror": self.mirror,
+            "signed_sqrt": self.signed_sqrt,
+            "centred": self.centred,
         }
+
+    def set_transform(self, fit: FeatureFit) -> None:
+        """Apply a fitted method's feature transform from now on (``finish``)."""
+        self.normalize, self.append_one = fit.normalize, fit.append_one
+        self.signed_sqrt = fit.signed_sqrt
+        if fit.centre is not None:
+            centre = fit.centre.to(self.mean.device, torch.float32)
+            self.register_buffer("centre", centre)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # chunks keep the activations of a 1,024-image batch at 224 px within memory
@@ -64,8 +88,10 @@ class BackboneEmbedder(nn.Module):
         return torch.cat([self.finish(self.pooled(part)) for part in images.split(chunk)])
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's raw pooled features (no normalisation)."""
-        return self.through(self.net, images)
+        """The backbone's raw pooled features (no normalisation), averaged over the image and
+        its mirror image when ``mirror``."""
+        f = self.through(self.net, images)
+        return (f + self.through(self.net, images.flip(-1))) / 2 if self.mirror else f
 
     def through(
         self, part: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
@@ -99,6 +125,10 @@ class BackboneEmbedder(nn.Module):
 
     def finish(self, f: torch.Tensor) -> torch.Tensor:
         """Pooled features -> what the centroids are compared with."""
+        if self.signed_sqrt:
+            f = f.sign() * f.abs().sqrt()
+        if self.centre is not None:
+            f = f - self.centre
         if self.normalize:
             f = F.normalize(f, dim=1)
         if self.append_one:
@@ -173,11 +203,14 @@ def cached_features(
 ) -> np.ndarray:
     """``extract`` through a cache file keyed by the backbone, its weights, the working size
     and the images' root, names, sizes and times; ``cache_dir`` None: no cache."""
+    key = _key(embedder.backbone, weights_id, decoded)
+    if embedder.mirror:
+        key = key.replace(".npy", "-mirror.npy")
     return _cached(
         lambda: extract(embedder, decoded.images, device, reporter=reporter),
         np.float32,
         cache_dir,
-        _key(embedder.backbone, weights_id, decoded),
+        key,
         len(decoded.files),
     )
 

@@ -352,13 +352,14 @@ def _fit_features(
         clock.lap("features")
         fit, feats = job.algo.fit_tail(maps, tail, ctx)
     else:
+        embedder.mirror = job.algo.mirror_features
         feats = features.cached_features(
             embedder, weights_id, decoded, job.device, feature_cache, ctx.reporter
         )
         clock.lap("features")
         fit = job.algo.fit_features(feats, ctx)
     clock.lap("fit")
-    embedder.normalize, embedder.append_one = fit.normalize, fit.append_one
+    embedder.set_transform(fit)
     z = embedder.finish(torch.from_numpy(feats).to(job.device))
     config = {**dataclasses.asdict(job.algo.config), "backbone": job.backbone}
     prep = Preprocessing(decoded.image_size, decoded.channels)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from imgcluster import assign, backbones, features, train
 from imgcluster.errors import UsageError
 from imgcluster.methods import FitContext, get_method
-from imgcluster.methods.scan import consistency, entropy, mine_neighbours
+from imgcluster.methods.base import FeatureFit
+from imgcluster.methods.scan import consistency, entropy, match_clusters, mine_neighbours
 from imgcluster.metrics import accuracy
 
 from conftest import make_toy_folder
@@ -281,9 +282,53 @@ def test_scan_clusters_separable_features() -> None:
     truth = np.repeat(np.arange(k), per)
     scan = get_method("scan")(k, get_method("scan").make_config({"epochs": 30, "lr": 1e-3}))
     fit = scan.fit_features(feats, FitContext())
-    z = torch.nn.functional.normalize(torch.from_numpy(feats), dim=1)
-    logits = torch.cat([z, torch.ones(len(z), 1)], 1) @ fit.centroids.T
-    assert accuracy(truth, logits.argmax(1).numpy()) > 0.95
+    assert fit.signed_sqrt and fit.centre is not None
+    assert accuracy(truth, _read_out(fit, feats).numpy()) > 0.95
+
+
+def _read_out(fit: FeatureFit, feats: np.ndarray) -> torch.Tensor:
+    """The labels a fitted head gives raw features, done by hand (as the embedder does)."""
+    f = torch.from_numpy(feats)
+    if fit.signed_sqrt:
+        f = f.sign() * f.abs().sqrt()
+    if fit.centre is not None:
+        f = f - fit.centre
+    z = torch.nn.functional.normalize(f, dim=1)
+    return (torch.cat([z, torch.ones(len(z), 1)], 1) @ fit.centroids.T).argmax(1)
+
+
+def test_scan_averages_its_heads_after_matching_their_clusters() -> None:
+    torch.manual_seed(0)
+    k, heads, d = 4, 3, 8
+    scan = get_method("scan")(k, get_method("scan").make_config({"heads": heads}))
+    one = torch.nn.Linear(d, k)
+    perms = [torch.arange(k), torch.tensor([2, 0, 3, 1]), torch.tensor([3, 2, 1, 0])]
+    layer = torch.nn.Linear(d, k * heads)
+    with torch.no_grad():  # the same head three times, its clusters numbered differently
+        layer.weight.copy_(torch.cat([one.weight[p] for p in perms]))
+        layer.bias.copy_(torch.cat([one.bias[p] for p in perms]))
+    z = torch.randn(200, d) * 3
+    neighbours = torch.from_numpy(mine_neighbours(z.numpy(), 3))
+    w, b = scan._ensemble_head(layer, z, neighbours)
+    expected = (z @ one.weight.T + one.bias).argmax(1)
+    got = (z @ w.T + b).argmax(1)
+    assert accuracy(expected.numpy(), got.numpy()) == 1.0
+    assert torch.equal(
+        match_clusters(expected.numpy(), expected[:, None].numpy()[:, 0], k), perms[0]
+    )
+
+
+def test_mirror_features_average_the_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    plain = features.BackboneEmbedder("efficientnet-lite0").eval()
+    mirrored = features.BackboneEmbedder("efficientnet-lite0", mirror=True).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        want = (plain.pooled(images) + plain.pooled(images.flip(-1))) / 2
+        # a random network's features are tiny (about 1e-9): compare relatively
+        assert torch.allclose(mirrored.pooled(images), want, rtol=1e-5, atol=0)
+        assert not torch.allclose(plain.pooled(images), want, rtol=1e-2, atol=0)
 
 
 def test_scan_keeps_its_head_when_self_labelling_empties_a_cluster(
@@ -303,9 +348,7 @@ def test_scan_keeps_its_head_when_self_labelling_empties_a_cluster(
 
     monkeypatch.setattr(scan, "_self_label", collapse)
     fit = scan.fit_features(feats, FitContext())
-    z = torch.nn.functional.normalize(torch.from_numpy(feats), dim=1)
-    labels = (torch.cat([z, torch.ones(len(z), 1)], 1) @ fit.centroids.T).argmax(1)
-    assert labels.unique().numel() == k
+    assert _read_out(fit, feats).unique().numel() == k
 
 
 def test_mined_neighbours_leave_the_point_out() -> None:

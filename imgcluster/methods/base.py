@@ -43,13 +43,16 @@ class FitContext:
 @dataclass
 class FeatureFit:
     """What a method fitted on frozen backbone features returns: K centroids compared (by
-    ``metric``) with the features, L2-normalised when ``normalize``, with a trailing 1 when
-    ``append_one`` (a linear head's bias as the last centroid coordinate)."""
+    ``metric``) with the features, which are first square-rooted (sign kept) when
+    ``signed_sqrt``, less ``centre`` when given, L2-normalised when ``normalize``, with a
+    trailing 1 when ``append_one`` (a linear head's bias as the last centroid coordinate)."""
 
     centroids: torch.Tensor
     metric: str
     normalize: bool = True
     append_one: bool = False
+    signed_sqrt: bool = False
+    centre: torch.Tensor | None = None
 
 
 class Method(ABC):
@@ -61,6 +64,9 @@ class Method(ABC):
     Config: ClassVar[type]
     pixels: ClassVar[bool] = True  # trains on decoded images (``--backbone none``)
     features: ClassVar[bool] = False  # clusters a backbone's features (``--backbone NAME``)
+    # features averaged over the image and its mirror image (2x the extraction, in training
+    # and in ``assign``)
+    mirror_features: ClassVar[bool] = False
 
     def __init__(self, k: int, config: Any = None) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:

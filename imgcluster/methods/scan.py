@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from ..engine import optimizer_step
 from ..errors import UsageError
@@ -69,7 +70,9 @@ class SCANConfig:
 
     neighbours: int = 20  # mined per image (cosine, FAISS)
     entropy_weight: float = 5.0  # λ
-    heads: int = 10  # trained at once; the one with the lowest loss is kept (no labels)
+    # trained at once (SCAN: 10, keeping the lowest-loss one); here all are aligned and
+    # averaged into one head (docs/methods.md)
+    heads: int = 30
     epochs: int = 50  # clustering step
     batch_size: int = 128
     lr: float = 1e-4
@@ -104,13 +107,20 @@ class SCAN(Method):
     Config = SCANConfig
     pixels = False
     features = True
+    mirror_features = True
 
     def fit_features(self, features: np.ndarray, ctx: FitContext) -> FeatureFit:
         cfg: SCANConfig = self.config
         n = len(features)
         self.check_count(n)
         gen = torch.Generator().manual_seed(ctx.seed)
-        z = F.normalize(torch.from_numpy(np.ascontiguousarray(features)).float(), dim=1)
+        # power normalisation and centring (features averaged with the mirror image's): on a
+        # development split of CIFAR-10 train images, with the ensemble of heads, ACC 0.600
+        # against 0.573 without the mirror and 0.552 on the plain features (docs/methods.md)
+        f = torch.from_numpy(np.ascontiguousarray(features)).float()
+        f = f.sign() * f.abs().sqrt()
+        centre = f.mean(0)
+        z = F.normalize(f - centre, dim=1)
         start = time.perf_counter()
         neighbours = mine_neighbours(z.numpy(), min(cfg.neighbours, n - 1))
         ctx.log({"phase": "neighbours", "seconds": round(time.perf_counter() - start, 3)})
@@ -122,7 +132,9 @@ class SCAN(Method):
         neighbours = torch.from_numpy(neighbours).to(ctx.device)
         heads = torch.nn.Linear(z.shape[1], self.k * cfg.heads).to(ctx.device)
         self._cluster(heads, z, neighbours, gen, ctx)
-        return self._finish(heads, z, neighbours, gen, ctx)
+        fit = self._finish(heads, z, neighbours, gen, ctx)
+        fit.signed_sqrt, fit.centre = True, centre.cpu()
+        return fit
 
     def tunes_tail(self, splittable: bool) -> bool:
         tune = self.config.tune
@@ -162,9 +174,9 @@ class SCAN(Method):
         gen: torch.Generator,
         ctx: FitContext,
     ) -> FeatureFit:
-        """The best head, self-labelled, as centroids on unit-norm features (``z`` are the
-        features at unit norm × √D)."""
-        w, b = self._best_head(heads, z, neighbours)
+        """The heads' ensemble, self-labelled, as centroids on unit-norm features (``z`` are
+        the features at unit norm × √D)."""
+        w, b = self._ensemble_head(heads, z, neighbours)
         head = torch.nn.Linear(z.shape[1], self.k).to(ctx.device)
         with torch.no_grad():
             head.weight.copy_(w)
@@ -278,10 +290,10 @@ class SCAN(Method):
             ctx.log({"phase": phase, "epoch": epoch + 1, "loss": round(float(total.min()), 5)})
 
     @torch.no_grad()
-    def _best_head(
+    def _head_losses(
         self, heads: torch.nn.Linear, z: torch.Tensor, neighbours: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head with the lowest SCAN loss over all images and all their neighbours."""
+    ) -> torch.Tensor:
+        """Each head's SCAN loss over all images and all their neighbours."""
         cfg: SCANConfig = self.config
         p = torch.cat([self._probs(heads, part) for part in z.split(4096)])
         cons = torch.zeros(cfg.heads, device=z.device)
@@ -289,11 +301,33 @@ class SCAN(Method):
             dot = (p * p[neighbours[:, j]]).sum(-1)  # N×H
             cons -= dot.clamp_min(1e-8).log().mean(0) / neighbours.shape[1]
         mean = p.mean(0).clamp_min(1e-8)
-        losses = cons + cfg.entropy_weight * (mean * mean.log()).sum(-1)
-        best = int(losses.argmin())
-        w = heads.weight.view(cfg.heads, self.k, -1)[best]
-        b = heads.bias.view(cfg.heads, self.k)[best]
-        return w.clone(), b.clone()
+        return cons + cfg.entropy_weight * (mean * mean.log()).sum(-1)
+
+    @torch.no_grad()
+    def _ensemble_head(
+        self, heads: torch.nn.Linear, z: torch.Tensor, neighbours: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One linear head: the average of all heads' weights after matching each head's
+        clusters to a reference labelling (Hungarian, on the count of images they share);
+        the reference is the lowest-loss head's labels (SCAN's choice), then the average's.
+        Averaged logits are steadier than any one head: on the development split, ACC
+        0.600 ± 0.005 over 3 seeds against 0.571 ± 0.002 for the lowest-loss head."""
+        cfg: SCANConfig = self.config
+        w = heads.weight.view(cfg.heads, self.k, -1)
+        b = heads.bias.view(cfg.heads, self.k)
+        logits = torch.cat([heads(part) for part in z.split(4096)]).view(len(z), cfg.heads, -1)
+        labels = logits.argmax(-1).cpu().numpy()  # N×H
+        reference = labels[:, int(self._head_losses(heads, z, neighbours).argmin())]
+        for _ in range(2):
+            perms = [
+                match_clusters(reference, labels[:, h], self.k).to(w.device)
+                for h in range(cfg.heads)
+            ]
+            w_avg = torch.stack([w[h, perm] for h, perm in enumerate(perms)]).mean(0)
+            b_avg = torch.stack([b[h, perm] for h, perm in enumerate(perms)]).mean(0)
+            reference = torch.cat([part @ w_avg.T + b_avg for part in z.split(4096)])
+            reference = reference.argmax(1).cpu().numpy()
+        return w_avg.clone(), b_avg.clone()
 
     def _self_label(
         self, head: torch.nn.Linear, z: torch.Tensor, gen: torch.Generator, ctx: FitContext
@@ -343,6 +377,17 @@ def random_view(
     return maps[..., top : top + size, left : left + size].contiguous(
         memory_format=torch.channels_last
     )
+
+
+def match_clusters(reference: np.ndarray, labels: np.ndarray, k: int) -> torch.Tensor:
+    """perm such that cluster perm[c] of ``labels`` is the one matched to cluster c of
+    ``reference`` (Hungarian assignment maximising the images they share)."""
+    shared = np.zeros((k, k))
+    np.add.at(shared, (reference, labels), 1)
+    rows, cols = linear_sum_assignment(-shared)
+    perm = np.empty(k, dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
 
 
 def mine_neighbours(z: np.ndarray, k: int) -> np.ndarray:
