@@ -352,7 +352,7 @@ def _fit_features(
         clock.lap("features")
         fit, feats = job.algo.fit_tail(maps, tail, ctx)
     else:
-        embedder.mirror = job.algo.mirror_features
+        embedder.mirror = job.algo.mirror_features()
         feats = features.cached_features(
             embedder, weights_id, decoded, job.device, feature_cache, ctx.reporter
         )

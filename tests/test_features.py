@@ -95,6 +95,29 @@ def test_scan_trains_from_a_weights_file_and_assign_agrees(
     )
     text = (result.run_dir / "config.toml").read_text()
     assert 'backbone = "efficientnet-lite0"' in text and str(lite0_random) in text
+    spec = json.loads((result.run_dir / "model.json").read_text())["embedder"]["args"]
+    assert spec["mirror"] and spec["signed_sqrt"] and spec["centred"]
+    assign(result.run_dir, [folder], out=tmp_path / "a.csv")
+    assert _labels(tmp_path / "a.csv") == _labels(result.run_dir / "labels.csv")
+
+
+def test_scan_without_the_mirror_saves_and_assigns_without_it(
+    tmp_path: Path, lite0_random: Path
+) -> None:
+    folder = make_toy_folder(tmp_path / "imgs", per_class=6)
+    params = {"epochs": 2, "self_label_epochs": 0, "neighbours": 3, "mirror": "false"}
+    result = train(
+        [folder],
+        3,
+        method="scan",
+        backbone="efficientnet-lite0",
+        weights=lite0_random,
+        params=params,
+        out=tmp_path / "run",
+        use_cache=False,
+    )
+    spec = json.loads((result.run_dir / "model.json").read_text())["embedder"]["args"]
+    assert not spec["mirror"] and spec["centred"]
     assign(result.run_dir, [folder], out=tmp_path / "a.csv")
     assert _labels(tmp_path / "a.csv") == _labels(result.run_dir / "labels.csv")
 

@@ -64,9 +64,6 @@ class Method(ABC):
     Config: ClassVar[type]
     pixels: ClassVar[bool] = True  # trains on decoded images (``--backbone none``)
     features: ClassVar[bool] = False  # clusters a backbone's features (``--backbone NAME``)
-    # features averaged over the image and its mirror image (2x the extraction, in training
-    # and in ``assign``)
-    mirror_features: ClassVar[bool] = False
 
     def __init__(self, k: int, config: Any = None) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -78,6 +75,11 @@ class Method(ABC):
         validate = getattr(self.config, "validate", None)
         if validate is not None:
             validate()
+
+    def mirror_features(self) -> bool:
+        """Whether the backbone's features are averaged over each image and its mirror image
+        (twice the extraction, in training and in ``assign``)."""
+        return False
 
     def check_count(self, n: int) -> None:
         """UsageError unless there are at least K images (or feature rows) to cluster."""
