@@ -203,9 +203,7 @@ def cached_features(
 ) -> np.ndarray:
     """``extract`` through a cache file keyed by the backbone, its weights, the working size
     and the images' root, names, sizes and times; ``cache_dir`` None: no cache."""
-    key = _key(embedder.backbone, weights_id, decoded)
-    if embedder.mirror:
-        key = key.replace(".npy", "-mirror.npy")
+    key = _key(embedder.backbone, weights_id, decoded, "-mirror" if embedder.mirror else "")
     return _cached(
         lambda: extract(embedder, decoded.images, device, reporter=reporter),
         np.float32,
@@ -225,7 +223,7 @@ def cached_maps(
     reporter: Reporter | None = None,
 ) -> np.ndarray:
     """``extract_maps`` through a cache file (as ``cached_features``)."""
-    key = _key(embedder.backbone, weights_id, decoded).replace(".npy", "-maps.npy")
+    key = _key(embedder.backbone, weights_id, decoded, "-maps")
     return _cached(
         lambda: extract_maps(embedder, trunk, decoded.images, device, reporter),
         np.float16,
@@ -270,7 +268,7 @@ def weights_id(weights: Path | None) -> str:
     return digest.hexdigest()
 
 
-def _key(backbone: str, weights: str, decoded: Decoded) -> str:
+def _key(backbone: str, weights: str, decoded: Decoded, suffix: str = "") -> str:
     digest = hashlib.sha256()
     head = {
         "v": FEATURES_VERSION,
@@ -284,4 +282,4 @@ def _key(backbone: str, weights: str, decoded: Decoded) -> str:
     for f in decoded.files:
         digest.update(f"{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
     name = backbone.replace(":", "-").replace("/", "-")
-    return f"{name}-{digest.hexdigest()[:24]}.npy"
+    return f"{name}-{digest.hexdigest()[:24]}{suffix}.npy"
