@@ -129,6 +129,27 @@ def test_aecm_read_out_is_argmax_gamma() -> None:
     assert torch.allclose(module.centroids, module.mu(torch.eye(3)))
 
 
+@pytest.mark.parametrize(("k", "d"), [(3, 3), (3, 5), (4, 2)])
+def test_aecm_hand_over_keeps_the_autoencoder_and_the_k_means_labels(k: int, d: int) -> None:
+    torch.manual_seed(0)
+    ae = cm.MLPAutoencoder(12, d, hidden=(16,))
+    module = cm.ClusteringModule(d, k, bias=True)
+    x = torch.rand(60, 12)
+    with torch.no_grad():
+        z = ae(x)
+        before = ae.reconstruct(z)
+        new_z = cm._hand_over(ae, module, z, k, seed=0)
+        assert torch.allclose(ae(x), new_z, atol=1e-4)  # the encoder now gives the new codes
+        assert torch.allclose(ae.reconstruct(new_z), before, atol=1e-4)  # same autoencoder
+        km = cm.faiss_kmeans(z.numpy(), k, seed=0, epochs=100, restarts=20)
+        gamma, _ = module(new_z)
+    assert torch.equal(gamma.argmax(1), torch.from_numpy(km.labels).long())  # = k-means
+    if k <= d:  # the centres are the unit vectors: the orthonormality penalty starts at 0
+        assert cm.orthonormality(module.centroids).item() < 1e-6
+        centres = torch.stack([new_z[torch.from_numpy(km.labels) == j].mean(0) for j in range(k)])
+        assert torch.allclose(centres, torch.eye(k, d), atol=1e-3)
+
+
 def test_adc_association_losses() -> None:
     e = 10 * torch.eye(2)
     centroids = torch.stack([e[0], e[0], e[1], e[1]])  # two per cluster

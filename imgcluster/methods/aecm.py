@@ -158,8 +158,12 @@ class AECMConfig:
     eps: float = 2e-7  # Adam's ε: the authors' 1e-3 on a loss n·d = 5000 times larger
     weight_decay: float = 0.0  # plain Adam, as the TF code
     average: bool = True  # a final epoch whose weights are averaged over its steps
-    pretrain_epochs: int = 100  # init=pre: AE pretraining (SGD lr 0.01, momentum 0.9)
-    cm_epochs: int = 100  # init=pre: clustering module alone on the pretrained codes
+    pretrain_epochs: int = 100  # init=pre: AE pretraining
+    # init=pre: the clustering module alone on the pretrained codes (the authors: 100); 0
+    # because the hand-over already starts it at the k-means fit's mixture posterior, and the
+    # plain CM loss grows the centroids away from orthonormal (Σ|uuᵀ − I| 0 → 718 on USPS)
+    cm_epochs: int = 0
+    pretrain_optimizer: Literal["sgd", "adam"] = "adam"  # init=pre: AE pretraining
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "pretrain_epochs", "cm_epochs"):
@@ -169,6 +173,9 @@ class AECMConfig:
             raise UsageError("parameter code_dim must be >= 0 (0 means K)")
         if self.beta < 0 or self.lbd < 0 or self.lr <= 0 or self.eps <= 0:
             raise UsageError("parameters beta, lbd must be >= 0 and lr, eps > 0")
+        if self.pretrain_optimizer not in ("sgd", "adam"):
+            got = self.pretrain_optimizer
+            raise UsageError(f"parameter pretrain_optimizer must be 'sgd' or 'adam', not {got!r}")
         if self.orth not in ("l1", "l2"):
             raise UsageError(f"parameter orth must be 'l1' or 'l2', not {self.orth!r}")
 
@@ -264,37 +271,23 @@ class AECM(Method):
         cm: ClusteringModule,
         batch: int,
     ) -> None:
-        """init=pre: AE pretraining, k-means on the codes (μ = centres, W = pinv(centres)), then
-        the clustering module alone on the fixed codes."""
+        """init=pre: AE pretraining, k-means on the codes handed over to the clustering module
+        (``_hand_over``), then the clustering module alone on the fixed codes."""
         cfg: AECMConfig = self.config
         steps = -(-data.n // batch)
-        sgd = make_optimizer("sgd", ae.parameters(), 0.01, trainer.device, momentum=0.9)
-        for epoch in trainer.phase("pretrain", cfg.pretrain_epochs, {"sgd": sgd}, steps, batch):
+        if cfg.pretrain_optimizer == "sgd":  # the authors' AE.py
+            opt = make_optimizer("sgd", ae.parameters(), 0.01, trainer.device, momentum=0.9)
+        else:
+            opt = make_optimizer("adam", ae.parameters(), 1e-3, trainer.device)
+        for epoch in trainer.phase("pretrain", cfg.pretrain_epochs, {"opt": opt}, steps, batch):
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
                 x = data.take(idx).flatten(1).float() / 255.0
                 loss = ae_reconstruction(x, ae.reconstruct(ae(x)))
-                optimizer_step(sgd, loss)
+                optimizer_step(opt, loss)
                 trainer.record(len(idx), loss=loss)
         if trainer.entering("cm"):
             z = map_batches(data, 4096, lambda b: ae(b.flatten(1).float() / 255.0))
-            km = faiss_kmeans(
-                z.cpu().numpy(), self.k, seed=trainer.ctx.seed, epochs=100, restarts=20
-            )
-            centres = torch.from_numpy(km.centroids).to(trainer.device)
-            # the orthonormality penalty wants unit-norm centroids: rescale the code (and so the
-            # centres) once, or λ·E3 starts in the thousands and swamps every other term
-            scale = centres.norm(dim=1).mean().clamp_min(1e-6)
-            with torch.no_grad():
-                last = ae.encoder[-1]
-                last.weight.div_(scale)
-                last.bias.div_(scale)
-                centres = centres / scale
-                cm.mu.weight.copy_(centres.T)
-                cm.gamma.weight.copy_(torch.linalg.pinv(centres).T)
-                for bias in (cm.gamma.bias, cm.mu.bias):
-                    if bias is not None:
-                        bias.zero_()
-            trainer.extra["codes"] = z / scale
+            trainer.extra["codes"] = _hand_over(ae, cm, z, self.k, trainer.ctx.seed)
         z = trainer.extra.get("codes")  # absent when resuming past the "cm" phase
         adam = make_optimizer(
             "adamw",
@@ -318,6 +311,54 @@ class AECM(Method):
                 optimizer_step(adam, loss)
                 trainer.record(len(idx), loss=loss)
         trainer.extra.pop("codes", None)
+
+
+@torch.no_grad()
+def _hand_over(
+    ae: MLPAutoencoder, cm: ClusteringModule, z: torch.Tensor, k: int, seed: int
+) -> torch.Tensor:
+    """init=pre: k-means on the pretrained codes, then a change of the code's coordinates that
+    makes the K centres orthonormal (the unit vectors), applied to the encoder's last layer and
+    undone in the decoder's first, so the autoencoder computes the same function; the clustering
+    module starts with centroids = unit vectors and γ = the Gaussian-mixture posterior of the
+    k-means fit (same labels as k-means). The authors set μ = centres, W = pinv(centres), which
+    leaves the orthonormality penalty far from zero and γ nearly uniform: on USPS that start
+    collapsed to one cluster. Returns the codes in the new coordinates."""
+    km = faiss_kmeans(z.cpu().numpy(), k, seed=seed, epochs=100, restarts=20)
+    mu = torch.from_numpy(km.centroids).to(z)  # K×d
+    a = _orthonormalising_map(mu)  # d×d: a @ mu_k = e_k
+    a_inv = torch.linalg.inv(a)
+    enc, dec = ae.encoder[-1], ae.decoder[0]
+    enc.weight.copy_(a @ enc.weight)
+    enc.bias.copy_(a @ enc.bias)
+    dec.weight.copy_(dec.weight @ a_inv)
+    # γ_k ∝ exp(−‖z − μ_k‖² / 2σ²) with σ² the per-dimension within-cluster variance, written
+    # in the new coordinates (z = a⁻¹ z'): logits (2 μ_kᵀ a⁻¹ z' − ‖μ_k‖²) / 2σ²
+    two_var = 2 * km.objective / z.numel()
+    cm.gamma.weight.copy_(2 * mu @ a_inv / two_var)
+    cm.mu.weight.copy_((mu @ a.T).T)  # the centres in the new coordinates: e_k when K ≤ d
+    if cm.gamma.bias is not None:
+        cm.gamma.bias.copy_(-mu.pow(2).sum(1) / two_var)
+    if cm.mu.bias is not None:
+        cm.mu.bias.zero_()
+    return z @ a.T
+
+
+def _orthonormalising_map(mu: torch.Tensor) -> torch.Tensor:
+    """An invertible d×d matrix taking the K rows of ``mu`` to the first K unit vectors (K ≤ d):
+    the centres are completed to a basis by an orthonormal basis of their complement, which is
+    left where it is. With K > d no such map exists: the identity, scaled so that the centres
+    have unit norm on average."""
+    k, d = mu.shape
+    if k > d or torch.linalg.matrix_rank(mu) < k:
+        return torch.eye(d, dtype=mu.dtype, device=mu.device) / mu.norm(dim=1).mean()
+    basis = mu.T  # d×K
+    if k < d:
+        eye = torch.eye(d, dtype=mu.dtype, device=mu.device)
+        q, _ = torch.linalg.qr(torch.cat([basis, eye], 1))
+        complement = q[:, k:d]  # orthonormal, spans what the centres do not
+        basis = torch.cat([basis, complement], 1)
+    return torch.linalg.inv(basis)
 
 
 @torch.no_grad()
