@@ -50,18 +50,19 @@ def materialise(dataset: str, data: Path, work: Path) -> dict[str, Path]:
     return folders
 
 
-def dev_split(folders: dict[str, Path], per_class: int) -> Path:
-    """A development split: the first ``per_class`` files (by name) of each class folder of the
-    train split, hard-linked (copied where links fail) into a sibling folder, made once."""
+def dev_split(folders: dict[str, Path], per_class: int, offset: int = 0) -> Path:
+    """A development split: ``per_class`` files (by name, from the ``offset``-th) of each class
+    folder of the train split, hard-linked (copied where links fail) into a sibling folder,
+    made once. A second split at another offset checks that a choice made on the first holds."""
     if "train" not in folders:
         raise SystemExit("this data set has no train split to take a development split from")
     train = folders["train"]
-    dev = train.parent / f"dev-{per_class}"
+    dev = train.parent / (f"dev-{per_class}" if offset == 0 else f"dev-{offset}-{per_class}")
     if (dev / ".complete").exists():
         return dev
     for cls in sorted(p for p in train.iterdir() if p.is_dir()):
         (dev / cls.name).mkdir(parents=True, exist_ok=True)
-        for src in sorted(cls.iterdir())[:per_class]:
+        for src in sorted(cls.iterdir())[offset : offset + per_class]:
             dst = dev / cls.name / src.name
             if not dst.exists():
                 try:

@@ -10,8 +10,9 @@ imgcluster.evaluate against the folder names. The protocol is the paper's: train
 train+test pooled (DEPICT, MMDC, AE-CM, and the k-means baseline), or train on the train split
 and score the test split with imgcluster.assign (ADC); --protocol overrides it, `test`
 trains and scores on the test split alone, and `dev` on a development split: the first
---dev-per-class images (by name) of each class of the train split, where defaults are chosen
-without touching the test split.
+--dev-per-class images (by name) of each class of the train split (after --dev-offset of them:
+a second split, recorded as protocol `dev@OFFSET`), where defaults are chosen without touching
+the test split.
 
 One JSON per seed goes to benchmarks/results/ (or --results): ACC, NMI, ARI, the wall time of
 decode / train / assign, training images/s, peak GPU and host memory, the device, the commit
@@ -48,8 +49,10 @@ def main() -> None:
     folders = common.materialise(args.dataset, args.data, args.work)
     protocol = args.protocol or PAPER_PROTOCOL.get(args.method, "pooled")
     if protocol == "dev":
-        folders = {"dev": common.dev_split(folders, args.dev_per_class)}
+        folders = {"dev": common.dev_split(folders, args.dev_per_class, args.dev_offset)}
     train_on, score_on = _splits(folders, protocol)
+    if protocol == "dev" and args.dev_offset:
+        protocol = f"dev@{args.dev_offset}"  # its own rows in the results and the report
     params = dict(p.split("=", 1) for p in args.param)
     batch = f"{common.stamp()}-{args.dataset}-{_tag(args)}"
     # a fresh cache per invocation (the first seed's decode is a cold one) unless --cache names
@@ -93,6 +96,12 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--protocol", choices=["pooled", "split", "test", "dev"])
     ap.add_argument(
         "--dev-per-class", type=int, default=1000, help="images a class, --protocol dev"
+    )
+    ap.add_argument(
+        "--dev-offset",
+        type=int,
+        default=0,
+        help="--protocol dev: skip this many images a class first (a second split)",
     )
     ap.add_argument("--param", action="append", default=[], help="method KEY=VALUE (repeatable)")
     ap.add_argument("--epochs", type=int)
