@@ -326,8 +326,8 @@ def _hand_over(
     collapsed to one cluster. Returns the codes in the new coordinates."""
     km = faiss_kmeans(z.cpu().numpy(), k, seed=seed, epochs=100, restarts=20)
     mu = torch.from_numpy(km.centroids).to(z)  # K×d
-    a = _orthonormalising_map(mu)  # d×d: a @ mu_k = e_k
-    a_inv = torch.linalg.inv(a)
+    a_inv = _centre_basis(mu)  # d×d, z = a_inv z': its first K columns are the centres
+    a = torch.linalg.inv(a_inv)  # z' = a z: a @ mu_k = e_k
     enc, dec = ae.encoder[-1], ae.decoder[0]
     enc.weight.copy_(a @ enc.weight)
     enc.bias.copy_(a @ enc.bias)
@@ -344,21 +344,19 @@ def _hand_over(
     return z @ a.T
 
 
-def _orthonormalising_map(mu: torch.Tensor) -> torch.Tensor:
-    """An invertible d×d matrix taking the K rows of ``mu`` to the first K unit vectors (K ≤ d):
-    the centres are completed to a basis by an orthonormal basis of their complement, which is
-    left where it is. With K > d no such map exists: the identity, scaled so that the centres
-    have unit norm on average."""
+def _centre_basis(mu: torch.Tensor) -> torch.Tensor:
+    """An invertible d×d matrix whose first K columns are the K rows of ``mu`` (K ≤ d), so its
+    inverse takes the centres to the first K unit vectors: the centres are completed to a basis
+    by an orthonormal basis of their complement, which is left where it is. With K > d no such
+    map exists: the identity scaled by the centres' mean norm (they get unit norm on average)."""
     k, d = mu.shape
+    eye = torch.eye(d, dtype=mu.dtype, device=mu.device)
     if k > d or torch.linalg.matrix_rank(mu) < k:
-        return torch.eye(d, dtype=mu.dtype, device=mu.device) / mu.norm(dim=1).mean()
-    basis = mu.T  # d×K
-    if k < d:
-        eye = torch.eye(d, dtype=mu.dtype, device=mu.device)
-        q, _ = torch.linalg.qr(torch.cat([basis, eye], 1))
-        complement = q[:, k:d]  # orthonormal, spans what the centres do not
-        basis = torch.cat([basis, complement], 1)
-    return torch.linalg.inv(basis)
+        return eye * mu.norm(dim=1).mean()
+    if k == d:
+        return mu.T
+    q, _ = torch.linalg.qr(torch.cat([mu.T, eye], 1))
+    return torch.cat([mu.T, q[:, k:d]], 1)  # q[:, k:d]: orthonormal, spans what mu does not
 
 
 @torch.no_grad()
