@@ -31,7 +31,8 @@ FEATURES_VERSION = 2  # bump when the computation changes: old cache files are i
 @register_embedder
 class BackboneEmbedder(nn.Module):
     """uint8 images -> grey to RGB, resize to the backbone's input, its normalisation -> pooled
-    features (averaged with the mirror image's when ``mirror``) -> signed square root when
+    features (averaged with the mirror image's when ``mirror``, and over six crops of the last
+    block's input maps when ``crops``: ``map_crops``) -> signed square root when
     ``signed_sqrt`` -> minus a stored mean when ``centred`` -> L2-normalised when
     ``normalize`` -> with a trailing 1 when ``append_one`` (a linear head's bias becomes a
     centroid coordinate, so argmax(Wf + b) is one inner-product search). ``folded``: the
@@ -47,11 +48,15 @@ class BackboneEmbedder(nn.Module):
         mirror: bool = False,
         signed_sqrt: bool = False,
         centred: bool = False,
+        crops: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, self.normalize, self.append_one = backbone, normalize, append_one
         self.mirror, self.signed_sqrt = mirror, signed_sqrt
         self.net, spec = backbones.build(backbone)
+        if crops and backbones.split(self.net) is None:
+            raise ValueError(f"backbone {backbone}: its last block is not known, so no crops")
+        self.crops = crops
         self.folded = folded and backbones.fold_batch_norms(self.net)
         self.input_size = spec.input_size
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
@@ -72,6 +77,7 @@ class BackboneEmbedder(nn.Module):
             "mirror": self.mirror,
             "signed_sqrt": self.signed_sqrt,
             "centred": self.centred,
+            "crops": self.crops,
         }
 
     def set_transform(self, fit: FeatureFit) -> None:
@@ -89,20 +95,27 @@ class BackboneEmbedder(nn.Module):
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's raw pooled features (no normalisation), averaged over the image and
-        its mirror image when ``mirror``."""
-        f = self.through(self.net, images)
-        return (f + self.through(self.net, images.flip(-1))) / 2 if self.mirror else f
+        its mirror image when ``mirror``, and over ``map_crops`` when ``crops``."""
+        views = (images, images.flip(-1)) if self.mirror else (images,)
+        return torch.stack([self._view(v) for v in views]).mean(0)
+
+    def _view(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.crops:
+            return self.through(self.net, images)
+        parts = backbones.split(self.net)
+        assert parts is not None  # checked in __init__
+        trunk, tail = parts
+        maps = self.through(trunk, images)
+        windows = map_crops(maps.shape[-1])
+        crops = [maps[..., t : t + s, left : left + s] for t, left, s in windows]
+        return torch.stack([_run(tail, crop) for crop in crops]).mean(0)
 
     def through(
         self, part: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
     ) -> torch.Tensor:
         """``part`` of the network on uint8 ``images`` (the backbone's input transform first),
         in float32."""
-        x = self.network_input(images)
-        if x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return part(x).float()
-        return part(x).float()
+        return _run(part, self.network_input(images))
 
     def network_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×C×H×W -> the backbone's input: RGB, its size, its normalisation."""
@@ -134,6 +147,25 @@ class BackboneEmbedder(nn.Module):
         if self.append_one:
             f = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)
         return f
+
+
+def _run(part: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``part`` on ``x`` in float32 out, bfloat16 inside on a GPU."""
+    if x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return part(x).float()
+    return part(x).float()
+
+
+def map_crops(side: int) -> list[tuple[int, int, int]]:
+    """(top, left, size) of the windows of a ``side``×``side`` map whose pooled features are
+    averaged with ``crops``: the whole map, its four (side−1)-corners and its (side−2)-centre.
+    Each window goes through the last block and the pool; on a development split of CIFAR-10
+    train images, with the mirror, EfficientNet-Lite0's 20-NN purity rose 0.629 -> 0.643 and
+    SCAN's ACC 0.594 -> 0.634 (docs/methods.md), for about 25% more extraction time."""
+    corners = [(t, left, side - 1) for t in (0, 1) for left in (0, 1)] if side > 1 else []
+    centre = [(1, 1, side - 2)] if side > 2 else []
+    return [(0, 0, side), *corners, *centre]
 
 
 def load_embedder(backbone: str, weights: Path | None, device: torch.device) -> BackboneEmbedder:
@@ -203,7 +235,8 @@ def cached_features(
 ) -> np.ndarray:
     """``extract`` through a cache file keyed by the backbone, its weights, the working size
     and the images' root, names, sizes and times; ``cache_dir`` None: no cache."""
-    key = _key(embedder.backbone, weights_id, decoded, "-mirror" if embedder.mirror else "")
+    suffix = ("-mirror" if embedder.mirror else "") + ("-crops" if embedder.crops else "")
+    key = _key(embedder.backbone, weights_id, decoded, suffix)
     return _cached(
         lambda: extract(embedder, decoded.images, device, reporter=reporter),
         np.float32,

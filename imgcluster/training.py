@@ -353,6 +353,10 @@ def _fit_features(
         fit, feats = job.algo.fit_tail(maps, tail, ctx)
     else:
         embedder.mirror = job.algo.mirror_features()
+        embedder.crops = job.algo.crop_features() and parts is not None
+        if job.algo.crop_features() and parts is None:
+            # the method asked for crops, but only a known last block can take them
+            ctx.log({"phase": "features", "crops": f"none, {job.backbone} has no known tail"})
         feats = features.cached_features(
             embedder, weights_id, decoded, job.device, feature_cache, ctx.reporter
         )

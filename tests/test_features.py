@@ -99,7 +99,7 @@ def test_scan_trains_from_a_weights_file_and_assign_agrees(
     assert 'backbone = "efficientnet-lite0"' in text and str(lite0_random) in text
     spec = json.loads((result.run_dir / "model.json").read_text())["embedder"]["args"]
     # the transform travels with the model, the mirror only when asked for
-    assert spec["mirror"] == mirror and spec["signed_sqrt"] and spec["centred"]
+    assert spec["mirror"] == mirror and spec["signed_sqrt"] and spec["centred"] and spec["crops"]
     assign(result.run_dir, [folder], out=tmp_path / "a.csv")
     assert _labels(tmp_path / "a.csv") == _labels(result.run_dir / "labels.csv")
 
@@ -333,6 +333,51 @@ def test_mirror_features_average_the_image_and_its_mirror() -> None:
         # a random network's features are tiny (about 1e-9): compare relatively
         assert torch.allclose(mirrored.pooled(images), want, rtol=1e-5, atol=0)
         assert not torch.allclose(plain.pooled(images), want, rtol=1e-2, atol=0)
+
+
+def test_crop_features_average_windows_of_the_last_blocks_input() -> None:
+    torch.manual_seed(0)
+    plain = features.BackboneEmbedder("efficientnet-lite0").eval()
+    cropped = features.BackboneEmbedder("efficientnet-lite0", crops=True).eval()
+    cropped.load_state_dict(plain.state_dict())
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    parts = backbones.split(plain.net)
+    assert parts is not None
+    trunk, tail = parts
+    windows = features.map_crops(7)
+    assert windows[0] == (0, 0, 7) and len(set(windows)) == 6
+    assert all(t + s <= 7 and left + s <= 7 for t, left, s in windows)
+    with torch.no_grad():
+        maps = plain.through(trunk, images)
+        want = torch.stack([tail(maps[..., t : t + s, x : x + s]) for t, x, s in windows]).mean(0)
+        assert torch.allclose(cropped.pooled(images), want, rtol=1e-5, atol=0)
+        assert not torch.allclose(plain.pooled(images), want, rtol=1e-2, atol=0)
+
+
+def test_crops_need_a_backbone_whose_last_block_is_known(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="last block is not known"):
+        features.BackboneEmbedder("torchvision:resnet18", crops=True)
+    # scan asks for crops by default; on such a backbone it runs without them and says so
+    torch.manual_seed(0)
+    path = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    folder = make_toy_folder(tmp_path / "imgs", per_class=4)
+    params = {"epochs": 2, "self_label_epochs": 1, "neighbours": 3, "heads": 2}
+    run = train(
+        [folder],
+        2,
+        method="scan",
+        backbone="torchvision:resnet18",
+        weights=path,
+        params=params,
+        out=tmp_path / "run",
+        use_cache=False,
+    )
+    spec = json.loads((run.run_dir / "model.json").read_text())["embedder"]["args"]
+    assert spec["crops"] is False and spec["mirror"] is True
+    assert [r["crops"] for r in _log(run.run_dir, "features")] == [
+        "none, torchvision:resnet18 has no known tail"
+    ]
 
 
 def test_scan_keeps_its_head_when_self_labelling_empties_a_cluster(

@@ -81,6 +81,11 @@ class Method(ABC):
         (twice the extraction, in training and in ``assign``)."""
         return False
 
+    def crop_features(self) -> bool:
+        """Whether the features are also averaged over crops of the last block's input maps
+        (``features.map_crops``; only where that block is known, about 25% more extraction)."""
+        return False
+
     def check_count(self, n: int) -> None:
         """UsageError unless there are at least K images (or feature rows) to cluster."""
         if n < self.k:
