@@ -13,10 +13,11 @@ loss has one weight that its authors kept fixed across data sets, and its heads 
 combined with no labels (docs/methods.md).
 
 Defaults are the paper's clustering-step settings (20 neighbours, entropy weight 5, Adam lr
-1e-4, weight decay 1e-4, batch 128) and self-labelling threshold 0.99, with two changes measured
-on a development split of CIFAR-10 train images: the heads see power-normalised, centred
-features averaged with the mirror image's, and 30 heads are averaged into one (after matching
-their clusters) instead of keeping the lowest-loss one of 10.
+1e-4, weight decay 1e-4, batch 128) and self-labelling threshold 0.99, with changes measured
+on development splits of CIFAR-10 train images: the heads see power-normalised, centred
+features averaged with the mirror image's and over six crops of the last block's input maps,
+and 30 heads are averaged into one (after matching their clusters) instead of keeping the
+lowest-loss one of 10.
 """
 
 from __future__ import annotations
