@@ -38,6 +38,30 @@ def lite0_random(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def resnet18_random(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random ResNet-18 weights as a torch file: a backbone whose last block is not known."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "r18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def _scan_on_resnet18(tmp_path: Path, weights: Path, params: dict[str, object]) -> Path:
+    """Train scan on a toy folder with the ResNet-18 ``weights``: the run folder."""
+    folder = make_toy_folder(tmp_path / "imgs", per_class=4)
+    return train(
+        [folder],
+        2,
+        method="scan",
+        backbone="torchvision:resnet18",
+        weights=weights,
+        params=params,
+        out=tmp_path / "run",
+        use_cache=False,
+    ).run_dir
+
+
 def _labels(path: Path) -> dict[str, str]:
     with open(path, newline="") as fh:
         return {
@@ -152,22 +176,11 @@ def test_scan_trains_the_last_block_caches_its_input_and_assign_agrees(
     assert not _log(frozen.run_dir, "scan-tune") and _log(frozen.run_dir, "scan")
 
 
-def test_tuning_a_backbone_without_a_known_last_block_is_a_clear_error(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    path = tmp_path / "r18.pt"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    folder = make_toy_folder(tmp_path / "imgs", per_class=4)
+def test_tuning_a_backbone_without_a_known_last_block_is_a_clear_error(
+    tmp_path: Path, resnet18_random: Path
+) -> None:
     with pytest.raises(UsageError, match="tune=last-block needs a backbone"):
-        train(
-            [folder],
-            2,
-            method="scan",
-            backbone="torchvision:resnet18",
-            weights=path,
-            params={"tune": "last-block"},
-            out=tmp_path / "run",
-            use_cache=False,
-        )
+        _scan_on_resnet18(tmp_path, resnet18_random, {"tune": "last-block"})
     with pytest.raises(UsageError, match="parameter tune must be one of"):
         get_method("scan").make_config({"tune": "all"}).validate()
 
@@ -354,28 +367,17 @@ def test_crop_features_average_windows_of_the_last_blocks_input() -> None:
         assert not torch.allclose(plain.pooled(images), want, rtol=1e-2, atol=0)
 
 
-def test_crops_need_a_backbone_whose_last_block_is_known(tmp_path: Path) -> None:
+def test_crops_need_a_backbone_whose_last_block_is_known(
+    tmp_path: Path, resnet18_random: Path
+) -> None:
     with pytest.raises(ValueError, match="last block is not known"):
         features.BackboneEmbedder("torchvision:resnet18", crops=True)
     # scan asks for crops by default; on such a backbone it runs without them and says so
-    torch.manual_seed(0)
-    path = tmp_path / "r18.pt"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    folder = make_toy_folder(tmp_path / "imgs", per_class=4)
     params = {"epochs": 2, "self_label_epochs": 1, "neighbours": 3, "heads": 2}
-    run = train(
-        [folder],
-        2,
-        method="scan",
-        backbone="torchvision:resnet18",
-        weights=path,
-        params=params,
-        out=tmp_path / "run",
-        use_cache=False,
-    )
-    spec = json.loads((run.run_dir / "model.json").read_text())["embedder"]["args"]
+    run_dir = _scan_on_resnet18(tmp_path, resnet18_random, params)
+    spec = json.loads((run_dir / "model.json").read_text())["embedder"]["args"]
     assert spec["crops"] is False and spec["mirror"] is True
-    assert [r["crops"] for r in _log(run.run_dir, "features")] == [
+    assert [r["crops"] for r in _log(run_dir, "features")] == [
         "none, torchvision:resnet18 has no known tail"
     ]
 
