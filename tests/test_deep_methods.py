@@ -29,7 +29,7 @@ SHORT = {
         "batch_size": "16",
     },
     "depict": {"pretrain_epochs": "6", "head_epochs": "4", "epochs": "6", "batch_size": "16"},
-    "aecm": {"epochs": "25", "batch_size": "16"},
+    "aecm": {"init": "rand", "epochs": "25", "batch_size": "16"},
     "mmdc": {"epochs": "60", "batch_size": "16", "refine_epoch": "-1"},
     "aecm-pre": {
         "init": "pre",
@@ -138,16 +138,43 @@ def test_aecm_hand_over_keeps_the_autoencoder_and_the_k_means_labels(k: int, d: 
     with torch.no_grad():
         z = ae(x)
         before = ae.reconstruct(z)
-        new_z = cm._hand_over(ae, module, z, k, seed=0)
+        labels, centres = cm._initial_clustering(z, k, "kmeans", seed=0)
+        new_z = cm._hand_over(ae, module, z, labels, centres)
         assert torch.allclose(ae(x), new_z, atol=1e-4)  # the encoder now gives the new codes
         assert torch.allclose(ae.reconstruct(new_z), before, atol=1e-4)  # same autoencoder
         km = cm.faiss_kmeans(z.numpy(), k, seed=0, epochs=100, restarts=20)
         gamma, _ = module(new_z)
-    assert torch.equal(gamma.argmax(1), torch.from_numpy(km.labels).long())  # = k-means
+    assert torch.equal(labels, torch.from_numpy(km.labels).long())
+    assert torch.equal(gamma.argmax(1), labels)  # γ starts at the k-means labels
     if k <= d:  # the centres are the unit vectors: the orthonormality penalty starts at 0
         assert cm.orthonormality(module.centroids).item() < 1e-6
-        centres = torch.stack([new_z[torch.from_numpy(km.labels) == j].mean(0) for j in range(k)])
+        centres = torch.stack([new_z[labels == j].mean(0) for j in range(k)])
         assert torch.allclose(centres, torch.eye(k, d), atol=1e-3)
+
+
+def test_aecm_hand_over_fits_gamma_to_clusters_that_are_not_voronoi_cells() -> None:
+    torch.manual_seed(0)
+    ae = cm.MLPAutoencoder(12, 2, hidden=(16,))
+    module = cm.ClusteringModule(2, 2, bias=True)
+    with torch.no_grad():
+        z = ae(torch.rand(200, 12))
+    # a split by a line that is not the perpendicular bisector of the two groups' means
+    labels = (z @ torch.tensor([1.0, 3.0]) > (z @ torch.tensor([1.0, 3.0])).median()).long()
+    centres = torch.stack([z[labels == j].mean(0) for j in range(2)])
+    nearest = torch.cdist(z, centres).argmin(1)
+    assert not torch.equal(nearest, labels)  # the centres' Voronoi cells miss some points
+    new_z = cm._hand_over(ae, module, z, labels, centres)
+    with torch.no_grad():
+        gamma, _ = module(new_z)
+    assert torch.equal(gamma.argmax(1), labels)  # the logistic fit reproduces the split
+    assert cm.orthonormality(module.centroids).item() < 1e-6
+
+
+def test_aecm_acpic_start_is_logged(folder: Path, tmp_path: Path) -> None:
+    params = {"pretrain_epochs": "3", "epochs": "2", "batch_size": "16"}  # init=pre, AC-PIC
+    run = train([folder], 3, method="aecm", params=params, out=tmp_path / "run").run_dir
+    (hand_over,) = [r for r in _log(run) if r.get("phase") == "hand-over"]
+    assert hand_over["clustering"] == "acpic" and 0.5 < hand_over["agreement"] <= 1
 
 
 def test_adc_association_losses() -> None:
