@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgcluster.methods.acpic import acpic
+from imgcluster.methods.acpic import _Graph, _path_sum, _transition_matrix, acpic
 from imgcluster.metrics import accuracy
 
 
@@ -50,3 +50,14 @@ def test_an_outlier_pair_does_not_become_a_cluster() -> None:
     assert accuracy(y, labels[:200]) == 1.0 and min(np.bincount(labels)) >= 100
     unguarded = acpic(x, 2, min_size=1)  # what the guard prevents: the two blobs merged
     assert sorted(np.bincount(unguarded)) == [2, 200]
+
+
+def test_path_sums_over_a_block_match_the_dense_inverse() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3)).astype(np.float32)
+    p, _ = _transition_matrix(x, 5, 1.0)
+    s = rng.choice(60, size=17, replace=False)
+    y = rng.random(17)
+    dense = p.toarray()[np.ix_(s, s)]
+    expected = np.linalg.solve(np.eye(17) - 0.01 * dense, y)
+    assert np.allclose(_path_sum(_Graph(p).block(s), y, 0.01), expected, rtol=1e-10)

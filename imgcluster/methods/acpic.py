@@ -82,11 +82,35 @@ def _transition_matrix(feats: np.ndarray, k: int, a: float) -> tuple[sp.csr_matr
     return p, idx[:, 0]
 
 
-def _path_sum(p_s: sp.csr_matrix, y: np.ndarray, z: float) -> np.ndarray:
-    """(I − z·P_S)⁻¹ y by its Neumann series."""
+class _Graph:
+    """P's CSR arrays, and the blocks P_S of sets S of points as (row, column, value) triplets
+    in positions 0..|S|-1, gathered straight from the arrays: scipy's ``p[s][:, s]`` cost three
+    times the sums themselves on the many small sets of the first merges."""
+
+    def __init__(self, p: sp.csr_matrix) -> None:
+        self.indptr, self.indices, self.data = p.indptr, p.indices, p.data
+        self.pos = np.full(p.shape[0], -1, dtype=np.int64)  # point -> position in S, or -1
+
+    def block(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        starts = self.indptr[s]
+        counts = self.indptr[s + 1] - starts
+        # positions of the rows' entries in indices/data, row after row
+        at = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        self.pos[s] = np.arange(len(s))
+        cols = self.pos[self.indices[at]]
+        self.pos[s] = -1
+        keep = cols >= 0
+        return np.repeat(np.arange(len(s)), counts)[keep], cols[keep], self.data[at][keep]
+
+
+def _path_sum(
+    block: tuple[np.ndarray, np.ndarray, np.ndarray], y: np.ndarray, z: float
+) -> np.ndarray:
+    """(I − z·P_S)⁻¹ y by its Neumann series, P_S given as (row, column, value) triplets."""
+    rows, cols, vals = block
     v, total = y, y.copy()
     for _ in range(NEUMANN_TERMS):
-        v = z * (p_s @ v)
+        v = z * np.bincount(rows, weights=vals * v[cols], minlength=len(y))
         total += v
     return total
 
@@ -98,13 +122,15 @@ def _merge(
     owner = labels.astype(np.int64)
     linked = sp.csr_matrix(p + p.T)
 
+    graph = _Graph(p)
+
     def complexity(s: np.ndarray) -> float:
-        return float(_path_sum(p[s][:, s], np.ones(len(s)), z).sum()) / len(s) ** 2
+        return float(_path_sum(graph.block(s), np.ones(len(s)), z).sum()) / len(s) ** 2
 
     def gain(i: int, j: int) -> float:
         si, sj = members[i], members[j]
         s = np.concatenate([si, sj])
-        p_s, ni = p[s][:, s], len(si)
+        p_s, ni = graph.block(s), len(si)
         yi = np.zeros(len(s))
         yi[:ni] = 1.0
         within_i = _path_sum(p_s, yi, z)[:ni].sum() / ni**2
