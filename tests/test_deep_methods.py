@@ -211,6 +211,12 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]
 
 
+def test_aecm_reconstruction_weight_follows_init_unless_set() -> None:
+    assert cm.AECMConfig(init="rand").reconstruction_weight == 392.0  # the authors' MNIST run
+    assert cm.AECMConfig(init="pre").reconstruction_weight == 3.92
+    assert cm.AECMConfig(init="rand", beta=5.0).reconstruction_weight == 5.0
+
+
 def test_aecm_rejects_bad_settings() -> None:
     with pytest.raises(UsageError, match="orth"):
         cm.AECM(3, cm.AECMConfig(orth="l3"))  # type: ignore[arg-type]
