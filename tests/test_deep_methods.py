@@ -29,7 +29,7 @@ SHORT = {
         "batch_size": "16",
     },
     "depict": {"pretrain_epochs": "6", "head_epochs": "4", "epochs": "6", "batch_size": "16"},
-    "aecm": {"init": "rand", "epochs": "25", "batch_size": "16"},
+    "aecm": {"init": "rand", "epochs": "25", "batch_size": "16", "tol": "0"},
     "mmdc": {"epochs": "60", "batch_size": "16", "refine_epoch": "-1"},
     "aecm-pre": {
         "init": "pre",
@@ -177,6 +177,15 @@ def test_aecm_acpic_start_is_logged(folder: Path, tmp_path: Path) -> None:
     assert hand_over["clustering"] == "acpic" and 0.5 < hand_over["agreement"] <= 1
 
 
+def test_aecm_stops_when_few_images_change_cluster(folder: Path, tmp_path: Path) -> None:
+    params = {"init": "rand", "epochs": "40", "batch_size": "16", "tol": "0.05"}
+    run = train([folder], 3, method="aecm", params=params, out=tmp_path / "run").run_dir
+    change = [r["label_change"] for r in _log(run) if r.get("phase") == "joint"]
+    assert change[0] == 1  # no labels before the first epoch
+    # it ran until the first epoch under tol and no further (48 images: fewer than 3 moved)
+    assert len(change) < 40 and change[-1] < 0.05 and min(change[:-1]) >= 0.05
+
+
 def test_adc_association_losses() -> None:
     e = 10 * torch.eye(2)
     centroids = torch.stack([e[0], e[0], e[1], e[1]])  # two per cluster
@@ -222,6 +231,8 @@ def test_aecm_rejects_bad_settings() -> None:
         cm.AECM(3, cm.AECMConfig(orth="l3"))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="eps"):
         cm.AECM(3, cm.AECMConfig(eps=0))
+    with pytest.raises(UsageError, match="tol"):
+        cm.AECM(3, cm.AECMConfig(tol=1.5))
 
 
 def test_mmdc_rotation_and_refinement_on_colour_images(tmp_path: Path) -> None:

@@ -168,6 +168,9 @@ class AECMConfig:
     eps: float = 2e-7  # Adam's ε: the authors' 1e-3 on a loss n·d = 5000 times larger
     weight_decay: float = 0.0  # plain Adam, as the TF code
     average: bool = True  # a final epoch whose weights are averaged over its steps
+    # stop the joint phase once fewer than this fraction of the images changed cluster (argmax
+    # γ during the epoch) since the previous epoch: DEC/IDEC's rule and 0.1%; 0 = all epochs
+    tol: float = 0.001
     pretrain_epochs: int = 100  # init=pre: AE pretraining
     # init=pre: the clustering module alone on the pretrained codes (the authors: 100); 0
     # because the hand-over already starts it at the k-means fit's mixture posterior, and the
@@ -188,6 +191,9 @@ class AECMConfig:
             raise UsageError("parameter code_dim must be >= 0 (0 means K)")
         if self.beta < 0 or self.lbd < 0 or self.lr <= 0 or self.eps <= 0:
             raise UsageError("parameters beta, lbd must be >= 0 and lr, eps > 0")
+        if not 0 <= self.tol < 1:
+            got = self.tol
+            raise UsageError(f"parameter tol must be in [0, 1) (a fraction of images), not {got}")
         if self.pretrain_optimizer not in ("sgd", "adam"):
             got = self.pretrain_optimizer
             raise UsageError(f"parameter pretrain_optimizer must be 'sgd' or 'adam', not {got!r}")
@@ -247,14 +253,18 @@ class AECM(Method):
         batch: int,
         average: bool = False,
     ) -> None:
-        """Autoencoder and clustering module together; with ``average``, one epoch whose
-        parameters are averaged over its steps (the authors' final "averaging epoch")."""
+        """Autoencoder and clustering module together, until fewer than ``tol`` of the images
+        change cluster in an epoch; with ``average``, one epoch whose parameters are averaged
+        over its steps (the authors' final "averaging epoch")."""
         cfg: AECMConfig = self.config
         beta = cfg.reconstruction_weight
         params = [*ae.parameters(), *cm.parameters()]
         steps = -(-data.n // batch)
+        if "labels" not in trainer.extra:  # argmax γ of each image when it was last seen
+            trainer.extra["labels"] = torch.full((data.n,), -1, device=trainer.device)
         for epoch in trainer.phase(phase, epochs, {"adamw": opt}, steps, batch):
             counts = torch.zeros(self.k, device=trainer.device)
+            labels, changed = trainer.extra["labels"], torch.zeros((), device=trainer.device)
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
                 x = data.take(idx).flatten(1).float() / 255.0
                 z = ae(x)
@@ -276,9 +286,15 @@ class AECM(Method):
                 optimizer_step(opt, loss)
                 if average:
                     _running_mean(trainer, params, trainer.step)
-                counts += torch.bincount(gamma.argmax(1), minlength=self.k)
+                assigned, rows = gamma.detach().argmax(1), idx.to(labels.device)
+                changed += (labels[rows] != assigned).sum()
+                labels[rows] = assigned
+                counts += torch.bincount(assigned, minlength=self.k)
                 trainer.record(len(idx), loss=loss, **terms)
-            trainer.note(sizes=counts.long().tolist())
+            change = changed.item() / data.n  # the first epoch: 1 (no previous labels)
+            trainer.note(label_change=change, sizes=counts.long().tolist())
+            if change < cfg.tol and not average:
+                trainer.finish_phase()
         if average and "avg/0" in trainer.extra:
             with torch.no_grad():
                 for i, p in enumerate(params):
