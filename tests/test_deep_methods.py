@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,6 +187,27 @@ def test_aecm_stops_when_few_images_change_cluster(folder: Path, tmp_path: Path)
     assert len(change) < 40 and change[-1] < 0.05 and min(change[:-1]) >= 0.05
 
 
+def test_aecm_undoes_an_epoch_whose_loss_blows_up() -> None:
+    notes: dict = {}
+    trainer = SimpleNamespace(note=notes.update)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], lr=1e-3)
+    w.grad = torch.ones(3)
+    opt.step()
+    good = cm._guard(None, 1.0, 10.0, [w], opt, trainer)  # the first epoch is kept
+    kept = w.detach().clone()
+    w.grad = torch.ones(3)
+    opt.step()  # the "bad" epoch
+    rolled = cm._guard(good, 50.0, 10.0, [w], opt, trainer)
+    assert torch.equal(w.detach(), kept) and opt.param_groups[0]["lr"] == 5e-4
+    assert notes == {"rollback": 50.0, "lr": 5e-4}
+    assert int(opt.state_dict()["state"][0]["step"]) == 1  # Adam's moments rolled back too
+    again = cm._guard(rolled, float("nan"), 10.0, [w], opt, trainer)  # twice: halved again
+    assert opt.param_groups[0]["lr"] == 2.5e-4 and again.loss == 1.0
+    later = cm._guard(again, 5.0, 10.0, [w], opt, trainer)  # within the factor: kept
+    assert later.loss == 5.0 and notes["lr"] == 2.5e-4
+
+
 def test_adc_association_losses() -> None:
     e = 10 * torch.eye(2)
     centroids = torch.stack([e[0], e[0], e[1], e[1]])  # two per cluster
@@ -231,6 +253,8 @@ def test_aecm_rejects_bad_settings() -> None:
         cm.AECM(3, cm.AECMConfig(orth="l3"))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="eps"):
         cm.AECM(3, cm.AECMConfig(eps=0))
+    with pytest.raises(UsageError, match="rollback"):
+        cm.AECM(3, cm.AECMConfig(rollback=0.5))
     with pytest.raises(UsageError, match="tol"):
         cm.AECM(3, cm.AECMConfig(tol=1.5))
 

@@ -23,6 +23,7 @@ smaller than the TF code's damps every Adam step (see docs/methods.md).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -171,6 +172,10 @@ class AECMConfig:
     # stop the joint phase once fewer than this fraction of the images changed cluster (argmax
     # γ during the epoch) since the previous epoch: DEC/IDEC's rule and 0.1%; 0 = all epochs
     tol: float = 0.001
+    # an epoch whose mean loss is more than this many times the previous epoch's is undone and
+    # the learning rate halved (Adam with the tiny ε blew up once converged: USPS-11k, epoch
+    # 348, loss 1.2 -> 30,841, every image in one cluster); 0 = off
+    rollback: float = 10.0
     pretrain_epochs: int = 100  # init=pre: AE pretraining
     # init=pre: the clustering module alone on the pretrained codes (the authors: 100); 0
     # because the hand-over already starts it at the k-means fit's mixture posterior, and the
@@ -191,6 +196,8 @@ class AECMConfig:
             raise UsageError("parameter code_dim must be >= 0 (0 means K)")
         if self.beta < 0 or self.lbd < 0 or self.lr <= 0 or self.eps <= 0:
             raise UsageError("parameters beta, lbd must be >= 0 and lr, eps > 0")
+        if self.rollback != 0 and self.rollback <= 1:
+            raise UsageError(f"parameter rollback must be 0 (off) or > 1, not {self.rollback}")
         if not 0 <= self.tol < 1:
             got = self.tol
             raise UsageError(f"parameter tol must be in [0, 1) (a fraction of images), not {got}")
@@ -262,9 +269,11 @@ class AECM(Method):
         steps = -(-data.n // batch)
         if "labels" not in trainer.extra:  # argmax γ of each image when it was last seen
             trainer.extra["labels"] = torch.full((data.n,), -1, device=trainer.device)
+        last: _Snapshot | None = None
         for epoch in trainer.phase(phase, epochs, {"adamw": opt}, steps, batch):
             counts = torch.zeros(self.k, device=trainer.device)
             labels, changed = trainer.extra["labels"], torch.zeros((), device=trainer.device)
+            total = torch.zeros((), device=trainer.device)
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
                 x = data.take(idx).flatten(1).float() / 255.0
                 z = ae(x)
@@ -290,7 +299,10 @@ class AECM(Method):
                 changed += (labels[rows] != assigned).sum()
                 labels[rows] = assigned
                 counts += torch.bincount(assigned, minlength=self.k)
+                total += loss.detach()
                 trainer.record(len(idx), loss=loss, **terms)
+            if not average and cfg.rollback:
+                last = _guard(last, total.item() / steps, cfg.rollback, params, opt, trainer)
             change = changed.item() / data.n  # the first epoch: 1 (no previous labels)
             trainer.note(label_change=change, sizes=counts.long().tolist())
             if change < cfg.tol and not average:
@@ -449,6 +461,38 @@ def _centre_basis(mu: torch.Tensor) -> torch.Tensor:
         return mu.T
     q, _ = torch.linalg.qr(torch.cat([mu.T, eye], 1))
     return torch.cat([mu.T, q[:, k:d]], 1)  # q[:, k:d]: orthonormal, spans what mu does not
+
+
+@dataclass
+class _Snapshot:
+    loss: float  # the epoch's mean loss
+    params: list[torch.Tensor]
+    optimizer: dict
+
+
+@torch.no_grad()
+def _guard(
+    last: _Snapshot | None,
+    loss: float,
+    factor: float,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    trainer: Trainer,
+) -> _Snapshot:
+    """After an epoch: undo it if its mean ``loss`` is over ``factor`` times the previous
+    epoch's (parameters and Adam's moments back to that epoch's end, learning rate halved, a
+    ``rollback`` field in the log), else remember this epoch's state. The labels seen during
+    the undone epoch are kept: they only feed the convergence test."""
+    if last is not None and not loss <= factor * last.loss:  # also catches NaN
+        for p, saved in zip(params, last.params, strict=True):
+            p.copy_(saved)
+        opt.load_state_dict(copy.deepcopy(last.optimizer))  # a copy: Adam updates in place
+        for group in opt.param_groups:
+            group["lr"] /= 2
+        trainer.note(rollback=loss, lr=opt.param_groups[0]["lr"])
+        return _Snapshot(last.loss, last.params, copy.deepcopy(opt.state_dict()))
+    state = copy.deepcopy(opt.state_dict())
+    return _Snapshot(loss, [p.detach().clone() for p in params], state)
 
 
 @torch.no_grad()
