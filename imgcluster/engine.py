@@ -357,6 +357,11 @@ class Trainer:
         if "loss" in terms:
             self._show_loss(terms["loss"])
 
+    def epoch_sum(self, name: str) -> float:
+        """The sum of ``name`` over this epoch's recorded steps, those before a resume included
+        (the sums are checkpointed with the epoch)."""
+        return self._sums[name].item() if name in self._sums else 0.0
+
     def _show_loss(self, loss: torch.Tensor) -> None:
         """Put a recent loss in the progress bar without waiting for the GPU: the value is
         copied to pinned memory in the background and shown once the copy has landed."""

@@ -272,8 +272,7 @@ class AECM(Method):
         last: _Snapshot | None = None
         for epoch in trainer.phase(phase, epochs, {"adamw": opt}, steps, batch):
             counts = torch.zeros(self.k, device=trainer.device)
-            labels, changed = trainer.extra["labels"], torch.zeros((), device=trainer.device)
-            total = torch.zeros((), device=trainer.device)
+            labels = trainer.extra["labels"]
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
                 x = data.take(idx).flatten(1).float() / 255.0
                 z = ae(x)
@@ -296,14 +295,15 @@ class AECM(Method):
                 if average:
                     _running_mean(trainer, params, trainer.step)
                 assigned, rows = gamma.detach().argmax(1), idx.to(labels.device)
-                changed += (labels[rows] != assigned).sum()
+                moved = (labels[rows] != assigned).sum()
                 labels[rows] = assigned
                 counts += torch.bincount(assigned, minlength=self.k)
-                total += loss.detach()
-                trainer.record(len(idx), loss=loss, **terms)
+                trainer.record(len(idx), loss=loss, moved=moved, **terms)
+            # from the trainer's sums, which a resume mid-epoch keeps (local ones would restart)
             if not average and cfg.rollback:
-                last = _guard(last, total.item() / steps, cfg.rollback, params, opt, trainer)
-            change = changed.item() / data.n  # the first epoch: 1 (no previous labels)
+                mean_loss = trainer.epoch_sum("loss") / steps
+                last = _guard(last, mean_loss, cfg.rollback, params, opt, trainer)
+            change = trainer.epoch_sum("moved") / data.n  # the first epoch: 1 (no labels before)
             trainer.note(label_change=change, sizes=counts.long().tolist())
             if change < cfg.tol and not average:
                 trainer.finish_phase()
