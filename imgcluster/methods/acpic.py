@@ -83,24 +83,82 @@ def _transition_matrix(feats: np.ndarray, k: int, a: float) -> tuple[sp.csr_matr
 
 
 class _Graph:
-    """P's CSR arrays, and the blocks P_S of sets S of points as (row, column, value) triplets
-    in positions 0..|S|-1, gathered straight from the arrays: scipy's ``p[s][:, s]`` cost three
-    times the sums themselves on the many small sets of the first merges."""
+    """P's CSR arrays and the clusters: ``owner`` (point -> cluster), ``members`` (cluster ->
+    its points) and ``place`` (point -> its position in its cluster's member array).
+    ``blocks`` gathers the blocks P_S of many sets S at once, laid out one after another as a
+    block-diagonal matrix in (row, column, value) triplets: most sets are a few dozen points,
+    where numpy's per-call cost, not the arithmetic, is the price, so one batch for all the
+    pairs of a merge costs about what one pair did."""
 
-    def __init__(self, p: sp.csr_matrix) -> None:
+    def __init__(self, p: sp.csr_matrix, labels: np.ndarray) -> None:
         self.indptr, self.indices, self.data = p.indptr, p.indices, p.data
-        self.pos = np.full(p.shape[0], -1, dtype=np.int64)  # point -> position in S, or -1
+        linked = sp.csr_matrix(p + p.T)  # the edges either way, for the neighbours
+        self.linked_indptr, self.linked_indices = linked.indptr, linked.indices
+        self.owner = labels.astype(np.int64)
+        order = np.argsort(self.owner, kind="stable")
+        ids, counts = np.unique(self.owner[order], return_counts=True)
+        self.members = dict(zip(ids.tolist(), np.split(order, np.cumsum(counts)[:-1]), strict=True))
+        self.place = np.empty(len(labels), dtype=np.int64)
+        for s in self.members.values():
+            self.place[s] = np.arange(len(s))
 
-    def block(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        starts = self.indptr[s]
-        counts = self.indptr[s + 1] - starts
-        # positions of the rows' entries in indices/data, row after row
-        at = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-        self.pos[s] = np.arange(len(s))
-        cols = self.pos[self.indices[at]]
-        self.pos[s] = -1
-        keep = cols >= 0
-        return np.repeat(np.arange(len(s)), counts)[keep], cols[keep], self.data[at][keep]
+    def merge(self, i: int, j: int) -> None:
+        """C_i ← C_i ∪ C_j."""
+        moved = self.members.pop(j)
+        self.place[moved] += len(self.members[i])
+        self.owner[moved] = i
+        self.members[i] = np.concatenate([self.members[i], moved])
+
+    def rows(
+        self, points: np.ndarray, indptr: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in indices/data (of P, or of the CSR matrix with ``indptr``) of the stored
+        entries of ``points``' rows, and for each the index in ``points`` of its row."""
+        indptr = self.indptr if indptr is None else indptr
+        start = indptr[points]
+        counts = indptr[points + 1] - start
+        at = np.repeat(start - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        return at, np.repeat(np.arange(len(points)), counts)
+
+    def blocks(
+        self, firsts: np.ndarray, seconds: np.ndarray
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+        """Triplets of the block-diagonal matrix of the sets C_first ∪ C_second (second = -1:
+        C_first alone), and for each position its set's index and whether it is in C_first."""
+        firsts, seconds = np.asarray(firsts, np.int64), np.asarray(seconds, np.int64)
+        none = np.empty(0, dtype=np.int64)
+        parts = [
+            (self.members[f], self.members[s] if s >= 0 else none)
+            for f, s in zip(firsts.tolist(), seconds.tolist(), strict=True)
+        ]
+        n_first = np.array([len(a) for a, _ in parts], dtype=np.int64)
+        n_all = n_first + np.array([len(b) for _, b in parts], dtype=np.int64)
+        points = np.concatenate([x for part in parts for x in part])
+        group = np.repeat(np.arange(len(parts)), n_all)
+        starts = np.cumsum(n_all) - n_all
+        in_first = np.arange(len(points)) - starts[group] < n_first[group]
+        at, rows = self.rows(points)
+        cols, g = self.indices[at], group[rows]
+        who = self.owner[cols]
+        # a column's position in its row's set: its place in C_first, or after C_first in
+        # C_second; columns outside the set are dropped
+        offset = np.where(who == firsts[g], 0, np.where(who == seconds[g], n_first[g], -1))
+        keep = offset >= 0
+        cols = starts[g] + offset + self.place[cols]
+        return (rows[keep], cols[keep], self.data[at][keep]), group, in_first
+
+    def neighbours(self, c: int) -> np.ndarray:
+        """The clusters joined to C_c by an edge either way."""
+        at, _ = self.rows(self.members[c], self.linked_indptr)
+        found = np.unique(self.owner[self.linked_indices[at]])
+        return found[found != c]
+
+    def linked_pairs(self) -> np.ndarray:
+        """Every pair of clusters (i, j), i < j, that an edge joins, as rows."""
+        a = self.owner[np.repeat(np.arange(len(self.owner)), np.diff(self.linked_indptr))]
+        b = self.owner[self.linked_indices]
+        pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)[a != b]
+        return np.unique(pairs, axis=0)
 
 
 def _path_sum(
@@ -115,43 +173,62 @@ def _path_sum(
     return total
 
 
+def _complexities(graph: _Graph, clusters: np.ndarray, z: float) -> np.ndarray:
+    """S(C) = (1/|C|²) 1ᵀ(I − zP_C)⁻¹1 for each cluster C in ``clusters``."""
+    out = np.empty(len(clusters))
+    for chunk in _chunks(graph, clusters[:, None]):
+        block, group, _ = graph.blocks(clusters[chunk], np.full(len(chunk), -1))
+        sums = _path_sum(block, np.ones(len(group)), z)
+        out[chunk] = np.bincount(group, sums, len(chunk)) / np.bincount(group) ** 2
+    return out
+
+
+def _gains(graph: _Graph, pairs: np.ndarray, own: dict[int, float], z: float) -> np.ndarray:
+    """The path integral's increase from merging each pair (i, j) of ``pairs`` (rows):
+
+        S(C_i | C_i ∪ C_j) − S(C_i) + S(C_j | C_i ∪ C_j) − S(C_j),
+
+    S(C_i | S) = (1/|C_i|²) 1_iᵀ (I − zP_S)⁻¹ 1_i counting the paths from C_i back to C_i
+    that may pass through the rest of S."""
+    out = np.empty(len(pairs))
+    for chunk in _chunks(graph, pairs):
+        block, group, in_first = graph.blocks(pairs[chunk, 0], pairs[chunk, 1])
+        y = in_first.astype(np.float64)
+        n = len(chunk)
+        within_i = np.bincount(group, _path_sum(block, y, z) * y, n)
+        within_j = np.bincount(group, _path_sum(block, 1.0 - y, z) * (1.0 - y), n)
+        n_i = np.bincount(group, y, n)
+        n_j = np.bincount(group, minlength=n) - n_i
+        own_ij = np.array([own[i] + own[j] for i, j in pairs[chunk].tolist()])
+        out[chunk] = within_i / n_i**2 + within_j / n_j**2 - own_ij
+    return out
+
+
+def _chunks(graph: _Graph, sets: np.ndarray, points: int = 200_000) -> list[np.ndarray]:
+    """Row indices of ``sets`` (cluster ids, -1 for none) in batches of about ``points``
+    points: big enough to amortise numpy's per-call cost, small enough for memory."""
+    if len(sets) == 0:
+        return []
+    sizes = np.array([sum(len(graph.members[c]) for c in s if c >= 0) for s in sets.tolist()])
+    batch = np.cumsum(sizes) // points
+    return np.split(np.arange(len(sets)), np.flatnonzero(np.diff(batch)) + 1)
+
+
 def _merge(
     p: sp.csr_matrix, labels: np.ndarray, n_clusters: int, z: float, min_size: int
 ) -> np.ndarray:
-    members = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
-    owner = labels.astype(np.int64)
-    linked = sp.csr_matrix(p + p.T)
+    graph = _Graph(p, labels)
+    members = graph.members
 
-    graph = _Graph(p)
-
-    def complexity(s: np.ndarray) -> float:
-        return float(_path_sum(graph.block(s), np.ones(len(s)), z).sum()) / len(s) ** 2
-
-    def gain(i: int, j: int) -> float:
-        si, sj = members[i], members[j]
-        s = np.concatenate([si, sj])
-        p_s, ni = graph.block(s), len(si)
-        yi = np.zeros(len(s))
-        yi[:ni] = 1.0
-        within_i = _path_sum(p_s, yi, z)[:ni].sum() / ni**2
-        within_j = _path_sum(p_s, 1.0 - yi, z)[ni:].sum() / len(sj) ** 2
-        return float(within_i + within_j) - own[i] - own[j]
-
-    def neighbours(c: int) -> set[int]:
-        return {int(d) for d in owner[linked[members[c]].indices]} - {c}
-
-    own = {c: complexity(s) for c, s in members.items()}
+    ids = np.array(sorted(members))
+    own = dict(zip(ids.tolist(), _complexities(graph, ids, z).tolist(), strict=True))
     version = dict.fromkeys(members, 0)
-    heap: list[tuple[float, int, int, int, int]] = []
-
-    def push(i: int, j: int) -> None:
-        i, j = min(i, j), max(i, j)
-        heapq.heappush(heap, (-gain(i, j), i, j, version[i], version[j]))
-
-    for c in list(members):
-        for d in neighbours(c):
-            if c < d:
-                push(c, d)
+    pairs = graph.linked_pairs()  # for any other pair the gain is exactly 0
+    heap = [
+        (-g, i, j, 0, 0)
+        for g, (i, j) in zip(_gains(graph, pairs, own, z), pairs.tolist(), strict=True)
+    ]
+    heapq.heapify(heap)
     big = sum(len(s) >= min_size for s in members.values())
     deferred: list[tuple[float, int, int, int, int]] = []  # big pairs held back
     while len(members) > n_clusters:
@@ -166,18 +243,19 @@ def _merge(
                 deferred.append(entry)
                 continue
         big -= (len(members[i]) >= min_size) + (len(members[j]) >= min_size)
-        members[i] = np.concatenate([members[i], members.pop(j)])
+        graph.merge(i, j)
         big += len(members[i]) >= min_size
         if big > n_clusters and deferred:  # a small cluster grew big: big pairs may merge again
             for entry in deferred:
                 heapq.heappush(heap, entry)
             deferred.clear()
-        owner[members[i]] = i
         version[i] += 1
         del version[j], own[j]
-        own[i] = complexity(members[i])
-        for d in neighbours(i):
-            push(i, d)
+        own[i] = float(_complexities(graph, np.array([i]), z)[0])
+        others = graph.neighbours(i)
+        pairs = np.stack([np.minimum(others, i), np.maximum(others, i)], 1)
+        for g, (a_, b_) in zip(_gains(graph, pairs, own, z), pairs.tolist(), strict=True):
+            heapq.heappush(heap, (-g, a_, b_, version[a_], version[b_]))
     out = np.empty(len(labels), dtype=np.int64)
     for new, c in enumerate(sorted(members)):
         out[members[c]] = new
