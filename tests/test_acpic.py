@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgcluster.methods.acpic import _Graph, _path_sum, _transition_matrix, acpic
+from imgcluster.methods.acpic import _Graph, _transition_matrix, acpic
 from imgcluster.metrics import accuracy
 
 
@@ -52,15 +52,28 @@ def test_an_outlier_pair_does_not_become_a_cluster() -> None:
     assert sorted(np.bincount(unguarded)) == [2, 200]
 
 
-def test_path_sums_over_a_block_match_the_dense_inverse() -> None:
+def test_merge_gains_match_the_dense_inverse() -> None:
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(60, 3)).astype(np.float32)
-    p, _ = _transition_matrix(x, 5, 1.0)
-    s = np.sort(rng.choice(60, size=17, replace=False))
-    y = rng.random(17)
-    dense = p.toarray()[np.ix_(s, s)]
-    expected = np.linalg.solve(np.eye(17) - 0.01 * dense, y)
-    labels = np.zeros(60, dtype=np.int64)
-    labels[s] = 1  # one cluster holds the set
-    block, _, _ = _Graph(p, labels).blocks(np.array([1]), np.array([-1]))
-    assert np.allclose(_path_sum(block, y, 0.01), expected, rtol=1e-10)
+    x = rng.normal(size=(80, 3)).astype(np.float32)
+    p, _ = _transition_matrix(x, 6, 1.0)
+    labels = rng.integers(0, 6, 80)
+    graph = _Graph(p, labels, 0.01)
+    graph.merge(0, 1)  # the sums must follow a merge too
+    labels[labels == 1] = 0
+    dense = p.toarray()
+
+    def integral(c: int, clusters: list[int]) -> float:  # S(C_c | union of the clusters)
+        s = np.flatnonzero(np.isin(labels, clusters))
+        inverse = np.linalg.inv(np.eye(len(s)) - 0.01 * dense[np.ix_(s, s)])
+        inside = labels[s] == c
+        return inverse[np.ix_(inside, inside)].sum() / inside.sum() ** 2
+
+    for i in (0, 2, 3):
+        others = graph.neighbours(i)
+        assert len(others) > 0 and 1 not in others
+        gains = graph.gains(np.full(len(others), i), others)
+        expected = [
+            integral(i, [i, j]) - integral(i, [i]) + integral(j, [i, j]) - integral(j, [j])
+            for j in others.tolist()
+        ]
+        assert np.allclose(gains, expected, rtol=1e-8, atol=0)
