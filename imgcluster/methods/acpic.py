@@ -148,9 +148,8 @@ class _Graph:
         )  # fmt: skip
 
     def labels(self) -> np.ndarray:
-        out = self.owner.copy()
-        _, out = np.unique(out, return_inverse=True)
-        return out.astype(np.int64)
+        """Each point's cluster, numbered 0, 1, ... in the order of the cluster ids."""
+        return np.unique(self.owner, return_inverse=True)[1].astype(np.int64)
 
 
 @numba.njit(cache=True)

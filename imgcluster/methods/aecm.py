@@ -24,6 +24,7 @@ smaller than the TF code's damps every Adam step (see docs/methods.md).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -335,13 +336,21 @@ class AECM(Method):
                 optimizer_step(opt, loss)
                 trainer.record(len(idx), loss=loss)
         if trainer.entering("cm"):
+            start = time.perf_counter()
             z = map_batches(data, 4096, lambda b: ae(b.flatten(1).float() / 255.0))
             labels, centres = _initial_clustering(z, self.k, cfg.pre_clustering, trainer.ctx.seed)
+            clustered = time.perf_counter()
             trainer.extra["codes"] = _hand_over(ae, cm, z, labels, centres)
             agree = (cm(trainer.extra["codes"])[0].argmax(1) == labels).float().mean().item()
             # how far argmax γ reproduces the initial clustering (label-free): 1 for k-means
             trainer.ctx.log(
-                {"phase": "hand-over", "clustering": cfg.pre_clustering, "agreement": agree}
+                {
+                    "phase": "hand-over",
+                    "clustering": cfg.pre_clustering,
+                    "agreement": agree,
+                    "clustering_seconds": round(clustered - start, 3),
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
             )
         z = trainer.extra.get("codes")  # absent when resuming past the "cm" phase
         adam = make_optimizer(
