@@ -153,6 +153,20 @@ def test_aecm_hand_over_keeps_the_autoencoder_and_the_k_means_labels(k: int, d: 
         assert torch.allclose(centres, torch.eye(k, d), atol=1e-3)
 
 
+def test_aecm_hand_over_takes_its_origin_where_the_map_is_well_conditioned() -> None:
+    # centres far from the origin and close together: seen from there, nearly parallel
+    mu = 10.0 + torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def condition(m: torch.Tensor) -> float:
+        values = torch.linalg.svdvals(cm._centre_basis(mu - m))
+        return (values[0] / values[-1]).item()
+
+    m = cm._best_origin(mu)
+    assert condition(torch.zeros(4, dtype=torch.float64)) > 50
+    assert condition(m) < 5
+    assert torch.equal(cm._best_origin(mu[:2, :1]), torch.zeros(1, dtype=torch.float64))  # K > d
+
+
 def test_aecm_hand_over_fits_gamma_to_clusters_that_are_not_voronoi_cells() -> None:
     torch.manual_seed(0)
     ae = cm.MLPAutoencoder(12, 2, hidden=(16,))
