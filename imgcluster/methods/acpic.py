@@ -258,7 +258,11 @@ def _merge(
     p: sp.csr_matrix, labels: np.ndarray, n_clusters: int, z: float, min_size: int
 ) -> np.ndarray:
     graph = _Graph(p, labels, z)
-    size = graph.size.tolist()  # a mirror of graph.size in Python ints (numpy bools add as or)
+    size = graph.size  # kept by graph.merge
+
+    def is_big(c: int) -> int:  # an int: numpy bools add as "or"
+        return int(size[c] >= min_size)
+
     alive = set(graph.clusters.tolist())
     version = dict.fromkeys(alive, 0)
     # every pair an edge joins, i < j (for any other pair the increase is exactly 0)
@@ -269,7 +273,7 @@ def _merge(
         for g, i, j in zip(graph.gains(a, b).tolist(), a.tolist(), b.tolist(), strict=True)
     ]
     heapq.heapify(heap)
-    big = sum(size[c] >= min_size for c in alive)
+    big = sum(is_big(c) for c in alive)
     deferred: list[tuple[float, int, int, int, int]] = []  # big pairs held back
     while len(alive) > n_clusters:
         if not heap:  # parts of the graph that no edge joins: merge the two smallest
@@ -279,14 +283,13 @@ def _merge(
             _, i, j, vi, vj = entry
             if version.get(i) != vi or version.get(j) != vj:
                 continue  # stale: one of them has merged since
-            if big <= n_clusters and min(size[i], size[j]) >= min_size:
+            if big <= n_clusters and is_big(i) and is_big(j):
                 deferred.append(entry)
                 continue
-        big -= (size[i] >= min_size) + (size[j] >= min_size)
+        big -= is_big(i) + is_big(j)
         graph.merge(i, j)
-        size[i], size[j] = size[i] + size[j], 0
         alive.discard(j)
-        big += size[i] >= min_size
+        big += is_big(i)
         if big > n_clusters and deferred:  # a small cluster grew big: big pairs may merge again
             for entry in deferred:
                 heapq.heappush(heap, entry)

@@ -469,10 +469,10 @@ def _best_origin(mu: torch.Tensor) -> torch.Tensor:
     condition number 210, the codes' spread around their centres 2,747 in the new
     coordinates, against 11 and 19 from the best m); the clustering module's first epoch then
     moves the codes violently (docs/methods.md). K > d has no such map: m = 0."""
-    k, d = mu.shape
-    origin = torch.zeros(d, dtype=mu.dtype, device=mu.device)
-    if k > d or torch.linalg.matrix_rank(mu) < k:
+    origin = torch.zeros(mu.shape[1], dtype=mu.dtype, device=mu.device)
+    if not _has_centre_basis(mu):
         return origin
+    d = mu.shape[1]
     centres = mu.detach().cpu().double().numpy()
 
     def log_condition(m: np.ndarray) -> float:
@@ -493,6 +493,12 @@ def _best_origin(mu: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(best.x).to(mu)
 
 
+def _has_centre_basis(mu: torch.Tensor) -> bool:
+    """Whether the K centres (rows of ``mu``, K×d) can be the first K columns of a basis."""
+    k, d = mu.shape
+    return k <= d and int(torch.linalg.matrix_rank(mu)) == k
+
+
 def _centre_basis(mu: torch.Tensor) -> torch.Tensor:
     """An invertible d×d matrix whose first K columns are the K rows of ``mu`` (K ≤ d), so its
     inverse takes the centres to the first K unit vectors: the centres are completed to a basis
@@ -500,7 +506,7 @@ def _centre_basis(mu: torch.Tensor) -> torch.Tensor:
     map exists: the identity scaled by the centres' mean norm (they get unit norm on average)."""
     k, d = mu.shape
     eye = torch.eye(d, dtype=mu.dtype, device=mu.device)
-    if k > d or torch.linalg.matrix_rank(mu) < k:
+    if not _has_centre_basis(mu):
         return eye * mu.norm(dim=1).mean()
     if k == d:
         return mu.T
