@@ -65,6 +65,7 @@ def main() -> None:
     parts += _throughput_section([r for r in records if r.get("kind") == "throughput"])
     parts += _decode_section([r for r in records if r.get("kind") in ("decode", "jpeg-decode")])
     parts += _memory_section([r for r in records if r.get("kind") == "memory"])
+    parts += _acpic_section([r for r in records if r.get("kind") == "acpic"])
     args.out.write_text("\n".join(parts).rstrip() + "\n")
     print(f"wrote {args.out} from {len(records)} result files")
 
@@ -318,6 +319,33 @@ def _decode_section(records: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"| {r['what']} | {r['images']:,} | {r['workers']} | {r['seconds']:.2f} | "
             f"{r['images_per_s']:,.1f} | {r['device_name']} | {r['date']} | `{r['commit']}` |"
+        )
+    out.append("\nCommands:\n")
+    out += sorted({f"- `{r['command']}`" for r in latest.values()})
+    out.append("")
+    return out
+
+
+def _acpic_section(records: list[dict[str, Any]]) -> list[str]:
+    """AC-PIC timed alone (benchmarks/acpic_speed.py), latest per codes, threads and machine."""
+    if not records:
+        return []
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        key = (r["what"], r["threads"], r["device_name"])
+        if key not in latest or r["stamp"] > latest[key]["stamp"]:
+            latest[key] = r
+    out = [
+        "## AC-PIC\n",
+        "The initial clustering of `depict` and `aecm` (`imgcluster/methods/acpic.py`), timed "
+        "alone. *first s* includes numba's compilation when no earlier run had cached it.\n",
+        "| codes | threads | seconds | first s | machine | date | commit |",
+        "|" + "---|" * 7,
+    ]
+    for r in sorted(latest.values(), key=lambda r: (r["what"], r["threads"])):
+        out.append(
+            f"| {r['what']} | {r['threads']} | {r['seconds']:.1f} | {r['first_seconds']:.1f} | "
+            f"{r['device_name']} | {r['date']} | `{r['commit']}` |"
         )
     out.append("\nCommands:\n")
     out += sorted({f"- `{r['command']}`" for r in latest.values()})
