@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# On the bare GPU machine: the GPU figures an issue still owes, as one call of the device tool
+# (about 8 minutes at most, so a 15-minute lease holds the machine's start and one call).
+#
+#   bash benchmarks/gpu_check.sh ISSUE OUT    # after `bash benchmarks/gpu_prepare.sh ISSUE` here
+#
+# Each check runs under its own time limit, so one that overruns still leaves the others their
+# turn, and its training log shows how far it got and how fast. Everything lands in
+# OUT/gpu-check.tar.gz (result JSONs, training logs, the console output) and OUT/summary.txt:
+# unpack the archive here, copy results/*.json into benchmarks/results/ and run report.py.
+# A dry run on the CPU, to try the script itself: GPU_CHECK_DEVICE=cpu GPU_CHECK_LIMIT=20
+# (each check cut to 20 s) GPU_CHECK_WORK=DIR (the data sets' folders, reused).
+set -uo pipefail
+issue=${1:?usage: bash benchmarks/gpu_check.sh ISSUE OUT}
+out=${2:?usage: bash benchmarks/gpu_check.sh ISSUE OUT}
+cd "$(dirname "$0")/.."
+work=${GPU_CHECK_WORK:-/tmp/imgcluster-bench}
+device=${GPU_CHECK_DEVICE:-cuda}
+stage=/tmp/gpu-check
+mkdir -p "$out" "$stage/results" "$stage/logs"
+summary="$out/summary.txt"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+export IMGCLUSTER_COMMIT="${IMGCLUSTER_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}"
+{ command -v nvidia-smi > /dev/null \
+    && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  echo "commit $IMGCLUSTER_COMMIT, $(nproc) cores, $(date -u +%FT%TZ)"; } > "$summary" 2>&1
+
+# check NAME SECONDS RUN.PY-ARGS...: one benchmark under a time limit; its rc and wall time
+check() {
+  local name=$1 limit=${GPU_CHECK_LIMIT:-$2} start rc
+  shift 2
+  start=$(date +%s)
+  timeout "$limit" python3 benchmarks/run.py "$@" --device "$device" --verbose \
+    --data .data --work "$work" --results "$stage/results" > "$stage/logs/$name.out" 2>&1
+  rc=$?
+  echo "$name: rc $rc in $(($(date +%s) - start)) s (limit $limit): run.py $*" >> "$summary"
+  for log in "$work"/runs/*/train.log.jsonl; do
+    [ -f "$log" ] && cp "$log" "$stage/logs/$(basename "$(dirname "$log")").jsonl"
+  done
+}
+
+# the data sets as folders of files, once, outside the timed checks
+materialise() {
+  local start
+  start=$(date +%s)
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common
+from pathlib import Path
+for d in sys.argv[1:]: common.materialise(d, Path('.data'), Path('$work'))" "$@" \
+    > "$stage/logs/materialise.out" 2>&1
+  echo "materialise $*: $(($(date +%s) - start)) s" >> "$summary"
+}
+
+case "$issue" in
+  4)  # DEPICT and AE-CM: each MNIST-70k run, decode included, under 2 minutes
+    materialise mnist
+    start=$(date +%s)  # AC-PIC's numba compilation, paid once per machine: timed apart
+    python3 -c "import numpy as np; from imgcluster.methods.acpic import acpic
+acpic(np.random.default_rng(0).random((2000, 10), dtype=np.float32), 10)" \
+      > "$stage/logs/acpic-compile.out" 2>&1
+    echo "acpic compile (first call, 2,000 points): $(($(date +%s) - start)) s" >> "$summary"
+    check depict-mnist 220 --dataset mnist --method depict --seeds 1
+    check aecm-mnist 220 --dataset mnist --method aecm --seeds 1
+    ;;
+  5)  # ADC: MNIST under 2 minutes (3 seeds for ACC >= 0.98), CIFAR-10 ACC >= 0.29
+    materialise mnist cifar10
+    check adc-mnist 300 --dataset mnist --method adc --seeds 3
+    check adc-cifar10 160 --dataset cifar10 --method adc --seeds 1
+    ;;
+  6)  # MMDC: MNIST-70k under 2 minutes; CIFAR-10's rate with the short compiled schedule
+    materialise mnist cifar10
+    check mmdc-mnist 170 --dataset mnist --method mmdc --seeds 1
+    check mmdc-cifar10 290 --dataset cifar10 --method mmdc --seeds 1 --epochs 50 --compile
+    ;;
+  9)  # pretrained features: extraction img/s, a 10k-image run end to end under 60 s
+    materialise cifar10
+    check kmeans-effnet-cifar10 150 --dataset cifar10 --protocol test --method kmeans \
+      --backbone efficientnet-lite0 --seeds 3 --cache /tmp/fc
+    check scan-effnet-cifar10 270 --dataset cifar10 --protocol test --method scan \
+      --backbone efficientnet-lite0 --seeds 3 --cache /tmp/fc
+    ;;
+  *) echo "gpu_check.sh: no GPU check for issue $issue (4, 5, 6 or 9)" >> "$summary" ;;
+esac
+cp "$summary" "$stage/"
+tar -czf "$out/gpu-check.tar.gz" -C "$stage" .
+cat "$summary"
