@@ -17,6 +17,7 @@ import json
 import statistics
 import tomllib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -270,14 +271,24 @@ def _paper(papers: dict[str, Any], dataset: str, method: str, protocol: str) -> 
     return acc + (f" / {p['nmi']:.3f}" if "nmi" in p else "") + f" ({p['protocol']})"
 
 
+def _latest(
+    records: list[dict[str, Any]], key: Callable[[dict[str, Any]], tuple]
+) -> dict[tuple, dict[str, Any]]:
+    """The newest record (by stamp) of each key."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        k = key(r)
+        if k not in latest or r["stamp"] > latest[k]["stamp"]:
+            latest[k] = r
+    return latest
+
+
 def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
     if not records:
         return []
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        key = (r["step"], r["device_name"], r["batch_size"], r.get("compile", False))
-        if key not in latest or r["stamp"] > latest[key]["stamp"]:
-            latest[key] = r
+    latest = _latest(
+        records, lambda r: (r["step"], r["device_name"], r["batch_size"], r.get("compile", False))
+    )
     out = [
         "## Training throughput\n",
         "`benchmarks/throughput.py`: images/s of the full training step (batch drawn on the "
@@ -305,11 +316,9 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
 def _decode_section(records: list[dict[str, Any]]) -> list[str]:
     if not records:
         return []
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        key = (r["kind"], r.get("dataset", ""), r["device_name"], r.get("workers"))
-        if key not in latest or r["stamp"] > latest[key]["stamp"]:
-            latest[key] = r
+    latest = _latest(
+        records, lambda r: (r["kind"], r.get("dataset", ""), r["device_name"], r.get("workers"))
+    )
     out = [
         "## Decoding\n",
         "| what | images | workers | seconds | images/s | machine | date | commit |",
@@ -330,11 +339,7 @@ def _acpic_section(records: list[dict[str, Any]]) -> list[str]:
     """AC-PIC timed alone (benchmarks/acpic_speed.py), latest per codes, threads and machine."""
     if not records:
         return []
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        key = (r["what"], r["threads"], r["device_name"])
-        if key not in latest or r["stamp"] > latest[key]["stamp"]:
-            latest[key] = r
+    latest = _latest(records, lambda r: (r["what"], r["threads"], r["device_name"]))
     out = [
         "## AC-PIC\n",
         "The initial clustering of `depict` and `aecm` (`imgcluster/methods/acpic.py`), timed "
@@ -357,11 +362,7 @@ def _memory_section(records: list[dict[str, Any]]) -> list[str]:
     """Peak memory of assign over growing folders (benchmarks/big_folder.py), latest per size."""
     if not records:
         return []
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        key = (r["images"], r["device_name"])
-        if key not in latest or r["stamp"] > latest[key]["stamp"]:
-            latest[key] = r
+    latest = _latest(records, lambda r: (r["images"], r["device_name"]))
     out = [
         "## Memory on big folders\n",
         "| what | files | seconds | files/s | peak RSS MB | machine | date | commit |",
