@@ -306,3 +306,28 @@ def test_mmdc_targets_and_reassignment() -> None:
 def test_mmdc_rejects_the_rotation_task_on_the_small_vgg() -> None:
     with pytest.raises(UsageError, match="rotation"):
         mmdc.MMDC(3, mmdc.MMDCConfig(network="vgg", rotation="on")).plan(1, 28)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
+    """Without dropout (the one random op) a captured DEPICT gives the eager one's labels."""
+    params = {**SHORT["depict"], "dropout": "0", "init": "kmeans"}
+    runs = {}
+    for graphs in ("true", "false"):
+        runs[graphs] = train(
+            [folder],
+            3,
+            method="depict",
+            device="cuda",
+            out=tmp_path / graphs,
+            seed=3,
+            params={**params, "cuda_graphs": graphs},
+        ).run_dir
+    last = {r["phase"]: r.get("cuda_graph") for r in _log(runs["true"]) if "epoch" in r}
+    # each phase's first steps warm up eagerly; by its last epoch the steps are replayed
+    assert last == {"pretrain": "replayed", "head": "replayed", "depict": "replayed"}
+    assert not any("cuda_graph" in r for r in _log(runs["false"]))
+    same = _labels(runs["true"] / "labels.csv", folder) == _labels(
+        runs["false"] / "labels.csv", folder
+    )
+    assert same

@@ -34,6 +34,7 @@ from torch import nn
 from .. import rng
 from ..engine import (
     DeviceImages,
+    GraphedStep,
     Trainer,
     layout,
     make_optimizer,
@@ -131,6 +132,7 @@ class DepictConfig:
     tol: float = 1e-7  # stop when the mean squared change of the targets is below this
     kmeans_restarts: int = 40
     patience: int = 5
+    cuda_graphs: bool = True  # on the GPU, replay each step as one CUDA graph (same arithmetic)
 
     def validate(self) -> None:
         for name in ("pretrain_epochs", "head_epochs", "epochs", "kmeans_restarts", "patience"):
@@ -171,22 +173,35 @@ class Depict(Method):
         centroids = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], dim=1)
         return ClusterModel(embedder, centroids, "ip", Preprocessing(h, c), self.name, asdict(cfg))
 
+    def _graphs(self, data: DeviceImages) -> bool:
+        """CUDA graphs for the steps: on the GPU with the images in its memory, unless off."""
+        return self.config.cuda_graphs and data.device.type == "cuda" and data.resident
+
     def _pretrain(self, trainer: Trainer, data: DeviceImages, ae: DepictAE, batch: int) -> None:
         """Denoising, layer-wise reconstruction of the autoencoder alone."""
         cfg: DepictConfig = self.config
-        opt = make_optimizer("adam", ae.parameters(), cfg.pretrain_lr, trainer.device)
+        graphs = self._graphs(data)
+        opt = make_optimizer(
+            "adam", ae.parameters(), cfg.pretrain_lr, trainer.device, capturable=graphs
+        )
+
+        def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            x = layout(_scale(data.take(idx)))
+            loss = reconstruction_loss(
+                x,
+                ae.encode(x, noisy=False),
+                ae.decode(ae.encode(x, noisy=True)[2]),
+                cfg.hidden_weight,
+            )
+            optimizer_step(opt, loss)
+            return {"loss": loss}
+
+        run = GraphedStep(step, graphs)
         steps = data.n // batch
         for epoch in trainer.phase("pretrain", cfg.pretrain_epochs, {"adam": opt}, steps, batch):
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch))):
-                x = layout(_scale(data.take(idx)))
-                loss = reconstruction_loss(
-                    x,
-                    ae.encode(x, noisy=False),
-                    ae.decode(ae.encode(x, noisy=True)[2]),
-                    cfg.hidden_weight,
-                )
-                optimizer_step(opt, loss)
-                trainer.record(len(idx), loss=loss)
+                trainer.record(len(idx), **run(idx))
+            _note_graph(trainer, run)
 
     def _initial_clustering(
         self, trainer: Trainer, data: DeviceImages, ae: DepictAE, head: nn.Linear
@@ -234,22 +249,27 @@ class Depict(Method):
         order = rng.permutation(data.n, rng.key(trainer.ctx.seed, 7), data.index_device)
         held, fit = order[: max(1, data.n // 10)], order[max(1, data.n // 10) :]
         params = [*ae.parameters(), *head.parameters()]
-        opt = make_optimizer("adam", params, cfg.lr, trainer.device)
+        graphs = self._graphs(data)
+        opt = make_optimizer("adam", params, cfg.lr, trainer.device, capturable=graphs)
         if "best_nmi" not in trainer.extra:
             trainer.extra["best_nmi"] = torch.tensor(_agreement(data, ae, head, held, labels))
             _snapshot(trainer, ae, head)
+
+        def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            x = layout(_scale(data.take(idx)))
+            _, _, z = ae.encode(x, noisy=True)
+            rec = reconstruction_loss(x, ae.encode(x, noisy=False), ae.decode(z), cfg.hidden_weight)
+            ce = F.cross_entropy(head(z), labels[idx].to(z.device))
+            loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
+            optimizer_step(opt, loss)
+            return {"loss": loss, "rec": rec, "ce": ce}
+
+        run = GraphedStep(step, graphs)
         steps = len(fit) // batch
         for epoch in trainer.phase("head", cfg.head_epochs, {"adam": opt}, steps, batch):
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), subset=fit)):
-                x = layout(_scale(data.take(idx)))
-                _, _, z = ae.encode(x, noisy=True)
-                rec = reconstruction_loss(
-                    x, ae.encode(x, noisy=False), ae.decode(z), cfg.hidden_weight
-                )
-                ce = F.cross_entropy(head(z), labels[idx].to(z.device))
-                loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
-                optimizer_step(opt, loss)
-                trainer.record(len(idx), loss=loss, rec=rec, ce=ce)
+                trainer.record(len(idx), **run(idx))
+            _note_graph(trainer, run)
             nmi = _agreement(data, ae, head, held, labels)
             trainer.note(holdout_nmi=round(nmi, 5))
             if nmi > float(trainer.extra["best_nmi"]):
@@ -264,38 +284,50 @@ class Depict(Method):
     def _train_depict(
         self, trainer: Trainer, data: DeviceImages, ae: DepictAE, head: nn.Linear, batch: int
     ) -> None:
-        """Joint training: targets from the clean predictions of the previous epoch."""
+        """Joint training: targets from the clean predictions of the previous epoch (``q`` and
+        ``p`` are updated in place, so a captured step keeps reading the current ones)."""
         cfg: DepictConfig = self.config
         if trainer.entering("depict"):
             trainer.extra["q"] = target_distribution(_predict(data, ae, head), cfg.target)
             trainer.extra["p"] = trainer.extra["q"].clone()
+        q, p = trainer.extra["q"], trainer.extra["p"]
         params = [*ae.parameters(), *head.parameters()]
-        opt = make_optimizer("adam", params, cfg.lr, trainer.device)
+        graphs = self._graphs(data)
+        opt = make_optimizer("adam", params, cfg.lr, trainer.device, capturable=graphs)
+
+        def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            x = layout(_scale(data.take(idx)))
+            rows = idx.to(q.device)
+            _, _, z = ae.encode(x, noisy=True)
+            rec = reconstruction_loss(x, ae.encode(x, noisy=False), ae.decode(z), cfg.hidden_weight)
+            ce = cluster_cross_entropy(q[rows], head(z))
+            loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
+            optimizer_step(opt, loss)
+            with torch.no_grad():  # this batch's clean prediction, for next epoch's targets
+                p[rows] = torch.softmax(head(ae.encode(x, noisy=False)[2]), dim=1)
+            return {"loss": loss, "rec": rec, "ce": ce}
+
+        run = GraphedStep(step, graphs)
         steps = -(-data.n // batch)
         for epoch in trainer.phase("depict", cfg.epochs, {"adam": opt}, steps, batch):
-            q, p = trainer.extra["q"], trainer.extra["p"]
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch), drop_last=False)):
-                x = layout(_scale(data.take(idx)))
-                rows = idx.to(q.device)
-                _, _, z = ae.encode(x, noisy=True)
-                rec = reconstruction_loss(
-                    x, ae.encode(x, noisy=False), ae.decode(z), cfg.hidden_weight
-                )
-                ce = cluster_cross_entropy(q[rows], head(z))
-                loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
-                optimizer_step(opt, loss)
-                with torch.no_grad():  # this batch's clean prediction, for next epoch's targets
-                    p[rows] = torch.softmax(head(ae.encode(x, noisy=False)[2]), dim=1)
-                trainer.record(len(idx), loss=loss, rec=rec, ce=ce)
+                trainer.record(len(idx), **run(idx))
+            _note_graph(trainer, run)
             new_q = target_distribution(p, cfg.target)
             change = float((new_q - q).pow(2).mean())
-            trainer.extra["q"] = new_q
+            q.copy_(new_q)
             labels = new_q.argmax(1)
             trainer.note(
                 target_change=change, sizes=torch.bincount(labels, minlength=self.k).tolist()
             )
             if change < cfg.tol:
                 trainer.finish_phase()
+
+
+def _note_graph(trainer: Trainer, run: GraphedStep) -> None:
+    """Say in the epoch's log line whether the steps were replayed as a CUDA graph."""
+    if run.enabled:
+        trainer.note(cuda_graph=run.status())
 
 
 def _embed(data: DeviceImages, ae: DepictAE) -> torch.Tensor:
