@@ -19,6 +19,8 @@ device=${GPU_CHECK_DEVICE:-cuda}
 stage=/tmp/gpu-check
 mkdir -p "$out" "$stage/results" "$stage/logs"
 summary="$out/summary.txt"
+began=$(date +%s)
+budget=${GPU_CHECK_BUDGET:-540}  # seconds for the whole call, within the device tool's 600
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
@@ -41,6 +43,9 @@ check() {
   done
 }
 
+# what is left of the budget, less a margin for packing the archive
+left() { echo $((budget - ($(date +%s) - began) - 15)); }
+
 # the data sets as folders of files, once, outside the timed checks
 materialise() {
   local start
@@ -57,15 +62,19 @@ case "$issue" in
     materialise mnist
     start=$(date +%s)  # AC-PIC's numba compilation, paid once per machine: timed apart
     python3 -c "import numpy as np; from imgcluster.methods.acpic import acpic
-acpic(np.random.default_rng(0).random((2000, 10), dtype=np.float32), 10)" \
+g = np.random.default_rng(0)  # ten tight blobs: the call itself is instant, the rest compiles
+acpic((np.eye(10)[g.integers(0, 10, 500)] + 0.01 * g.normal(size=(500, 10))).astype('f4'), 10)" \
       > "$stage/logs/acpic-compile.out" 2>&1
-    echo "acpic compile (first call, 2,000 points): $(($(date +%s) - start)) s" >> "$summary"
+    echo "acpic compile (first call, 500 points in 10 blobs): $(($(date +%s) - start)) s" >> "$summary"
     start=$(date +%s)  # DEPICT's steps replayed as CUDA graphs: the arithmetic of the eager step
     timeout 90 python3 -m pytest -o addopts= -q -p no:cacheprovider tests/test_engine.py \
       tests/test_deep_methods.py -k "graph" > "$stage/logs/graph-tests.out" 2>&1
     echo "CUDA graph tests: rc $? in $(($(date +%s) - start)) s: $(tail -n 1 "$stage/logs/graph-tests.out")" >> "$summary"
     check depict-mnist 200 --dataset mnist --method depict --seeds 1
     check aecm-mnist 200 --dataset mnist --method aecm --seeds 1
+    # DEPICT's accuracy bar is over 3 seeds: seeds 1 and 2 with whatever time is left
+    [ "$(left)" -gt 60 ] && check depict-mnist-s12 "$(left)" --dataset mnist --method depict \
+      --first-seed 1 --seeds 2
     ;;
   4-fmnist)  # DEPICT and AE-CM on Fashion-MNIST-70k, reported (1,000 AE-CM epochs: hours on a CPU)
     materialise fashion_mnist
