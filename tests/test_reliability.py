@@ -282,7 +282,14 @@ def test_sigkill_during_train_never_leaves_a_half_written_file(toy: Path, tmp_pa
             ],
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rnd.uniform(1.5, 6.0))
+        # a random moment once training has started: the first epoch's checkpoint is there
+        # (a fixed delay from launch missed training where starting Python and torch is slow)
+        started = time.monotonic()
+        while not (run / "checkpoint.safetensors").exists() and proc.poll() is None:
+            if time.monotonic() - started > 120:
+                break
+            time.sleep(0.01)
+        time.sleep(rnd.uniform(0.0, 1.0))
         proc.kill()
         proc.wait()
         if run.exists():
