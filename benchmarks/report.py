@@ -17,7 +17,7 @@ import json
 import statistics
 import tomllib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,11 @@ def _latest(
     return latest
 
 
+def _commands(records: Iterable[dict[str, Any]]) -> list[str]:
+    """A section's closing list of the distinct commands behind its rows."""
+    return ["\nCommands:\n", *sorted({f"- `{r['command']}`" for r in records}), ""]
+
+
 def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
     if not records:
         return []
@@ -307,9 +312,7 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
             f"{r['bare_images_per_s']:,.0f} | {r['ratio']:.2f} | {r['device_name']} | "
             f"{r['date']} | `{r['commit']}` |"
         )
-    out.append("\nCommands:\n")
-    out += sorted({f"- `{r['command']}`" for r in latest.values()})
-    out.append("")
+    out += _commands(latest.values())
     return out
 
 
@@ -329,9 +332,7 @@ def _decode_section(records: list[dict[str, Any]]) -> list[str]:
             f"| {r['what']} | {r['images']:,} | {r['workers']} | {r['seconds']:.2f} | "
             f"{r['images_per_s']:,.1f} | {r['device_name']} | {r['date']} | `{r['commit']}` |"
         )
-    out.append("\nCommands:\n")
-    out += sorted({f"- `{r['command']}`" for r in latest.values()})
-    out.append("")
+    out += _commands(latest.values())
     return out
 
 
@@ -352,9 +353,7 @@ def _acpic_section(records: list[dict[str, Any]]) -> list[str]:
             f"| {r['what']} | {r['threads']} | {r['seconds']:.1f} | {r['first_seconds']:.1f} | "
             f"{r['device_name']} | {r['date']} | `{r['commit']}` |"
         )
-    out.append("\nCommands:\n")
-    out += sorted({f"- `{r['command']}`" for r in latest.values()})
-    out.append("")
+    out += _commands(latest.values())
     return out
 
 
@@ -373,9 +372,7 @@ def _memory_section(records: list[dict[str, Any]]) -> list[str]:
             f"| {r['what']} | {r['images']:,} | {r['seconds']:.1f} | {r['images_per_s']:,.0f} | "
             f"{r['peak_rss_mb']:,.0f} | {r['device_name']} | {r['date']} | `{r['commit']}` |"
         )
-    out.append("\nCommands:\n")
-    out += sorted({f"- `{r['command']}`" for r in latest.values()})
-    out.append("")
+    out += _commands(latest.values())
     return out
 
 
