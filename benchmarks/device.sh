@@ -17,10 +17,7 @@ script=${2:?usage: bash benchmarks/device.sh OUTDIR SCRIPT [ARGS...]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export IMGCLUSTER_COMMIT="${IMGCLUSTER_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 data_args=()
 case "$script" in run.py|decode.py) data_args=(--data .data --work /tmp/imgcluster-bench) ;; esac

@@ -21,10 +21,7 @@ mkdir -p "$out" "$stage/results" "$stage/logs"
 summary="$out/summary.txt"
 began=$(date +%s)
 budget=${GPU_CHECK_BUDGET:-540}  # seconds for the whole call, within the device tool's 600
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-export IMGCLUSTER_COMMIT="${IMGCLUSTER_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}"
+source benchmarks/device_env.sh
 { command -v nvidia-smi > /dev/null \
     && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "commit $IMGCLUSTER_COMMIT, $(nproc) cores, $(date -u +%FT%TZ)"; } > "$summary" 2>&1
