@@ -171,7 +171,7 @@ class ADCConfig:
     decay_steps: int = 5000
     decay_factor: float = 0.33
     walker_weight: float = 1.0
-    visit_weight: float = 0.5
+    visit_weight: float = 0.0  # 0 = by family: 1 grey (the MNIST command), 0.5 colour (CIFAR)
     aug_walker_weight: float = 1.0
     aug_visit_weight: float = 1.0
     reg_decay_factor: float = 0.2  # the augmentation terms' weights after the warm-up
@@ -192,6 +192,8 @@ class ADCConfig:
             raise UsageError(
                 f"parameter network must be auto, convnet or resnet20, got {self.network!r}"
             )
+        if self.visit_weight < 0:
+            raise UsageError("parameter visit_weight must be >= 0 (0 = by image family)")
         if self.lr <= 0 or self.emb_size < 0 or self.warmup_steps < 0 or self.decay_steps < 1:
             raise UsageError("parameters lr, decay_steps must be > 0; emb_size, warmup_steps >= 0")
 
@@ -208,6 +210,7 @@ class ADC(Method):
         self.check_count(n)
         network = cfg.network if cfg.network != "auto" else ("convnet" if c == 1 else "resnet20")
         emb = cfg.emb_size or (128 if network == "convnet" else 64)
+        self._visit = cfg.visit_weight or (1.0 if c == 1 else 0.5)
         data = DeviceImages(images, ctx.device)
         net = prepare(build_net(network, c, h, emb), ctx.device)
         m = cfg.centroids_per_cluster
@@ -312,7 +315,7 @@ class ADC(Method):
             loss = (
                 loss
                 + cfg.walker_weight * terms["walker"]
-                + cfg.visit_weight * terms["visit"]
+                + self._visit * terms["visit"]
                 + cfg.logit_weight * terms["logit"]
             )
         terms["loss"] = loss
