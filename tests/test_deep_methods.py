@@ -255,6 +255,14 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(steps=100, reg_warmup_steps=100))
     with pytest.raises(UsageError, match="network"):
         adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="visit_weight"):
+        adc.ADC(3, adc.ADCConfig(visit_weight=-1.0))
+
+
+def test_adc_visit_weight_follows_the_image_family_unless_set() -> None:
+    assert adc.ADCConfig().visit(channels=1) == 1.0  # the authors' MNIST command
+    assert adc.ADCConfig().visit(channels=3) == 0.5  # their CIFAR-10 command
+    assert adc.ADCConfig(visit_weight=0.3).visit(channels=1) == 0.3
 
 
 def test_aecm_reconstruction_weight_follows_init_unless_set() -> None:
