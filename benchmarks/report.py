@@ -33,7 +33,9 @@ whose exact command, device, date and commit are listed with it.
   **NMI**: normalised mutual information, arithmetic mean; **ARI**: adjusted Rand index.
   Mean ± sample standard deviation over the seeds shown. A row is the latest invocation;
   when it started past seed 0 (`--first-seed`, long CPU runs go a seed at a time) the lower
-  seeds come from the latest earlier invocations, and every command and commit is listed.
+  seeds come from the latest earlier invocations (the same machine first, then any), and
+  every command and commit is listed; times of seeds run on different machines are given
+  per seed.
 - **Protocol**: `pooled` trains and scores on train + test together (DEPICT, MMDC, AE-CM and
   the k-means baseline, as their papers); `split` trains on the train split and scores the test
   split through `imgcluster assign` (ADC, as its paper); `test` trains and scores on the test
@@ -72,30 +74,62 @@ def main() -> None:
 
 
 def _latest_batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The seeds of the latest invocation per (data set, method, protocol, device, settings)."""
+    """The seed series per (data set, method, backbone, protocol, settings): one per device,
+    from its latest invocation, unless that invocation was taken into another device's
+    series (see ``_seed_series``). Ordered by those fields, the device before the settings."""
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        key = (
-            r["dataset"],
-            r["method"],
-            r.get("backbone", "none"),
-            r["protocol"],
-            r["device_name"],
-            json.dumps(r.get("params", {}), sort_keys=True),
-        )
-        groups[key][r["batch"]].append(r)
-    return [_seed_series(b) for _, b in sorted(groups.items())]
+        key = (r["dataset"], r["method"], r.get("backbone", "none"), r["protocol"])
+        groups[key, json.dumps(r.get("params", {}), sort_keys=True)][r["batch"]].append(r)
+    rows = []
+    for (key, params), batches in groups.items():
+        latest: dict[str, str] = {}
+        for name in sorted(batches, reverse=True):
+            latest.setdefault(batches[name][0]["device_name"], name)
+        taken: set[str] = set()
+        for name in sorted(latest.values(), reverse=True):
+            if name not in taken:
+                series, names = _seed_series(batches, name)
+                taken |= names
+                rows.append(((*key, batches[name][0]["device_name"], params), series))
+    return [series for _, series in sorted(rows, key=lambda row: row[0])]
 
 
-def _seed_series(batches: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The latest batch, plus, when it started past seed 0 (``--first-seed``), the lower seeds
-    from the latest earlier batches that ran them: long CPU runs go one seed a session."""
-    order = sorted(batches, reverse=True)
-    series = list(batches[order[0]])
-    for name in order[1:]:
+def _seed_series(
+    batches: dict[str, list[dict[str, Any]]], head: str
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """Batch ``head``, plus, when it started past seed 0 (``--first-seed``), the lower seeds
+    from the latest earlier batches that ran them, on the same device first, then on another:
+    long CPU runs go one seed a session, on whichever machine the session got. Returns the
+    series and the names of the batches it drew on."""
+    device = batches[head][0]["device_name"]
+    older = sorted((n for n in batches if n != head), reverse=True)
+    order = [n for n in older if batches[n][0]["device_name"] == device]
+    order += [n for n in older if batches[n][0]["device_name"] != device]
+    series, names = list(batches[head]), {head}
+    for name in order:
         low = min(r["seed"] for r in series)
-        series += [r for r in batches[name] if r["seed"] < low]
-    return sorted(series, key=lambda r: r["seed"])
+        lower = [r for r in batches[name] if r["seed"] < low]
+        if lower:
+            series += lower
+            names.add(name)
+    return sorted(series, key=lambda r: r["seed"]), names
+
+
+def _devices(batch: list[dict[str, Any]]) -> str:
+    return _joined(batch, "device_name", sep="; ")
+
+
+def _over_seeds(
+    batch: list[dict[str, Any]], values: list[float], digits: int = 1, spread: bool = True
+) -> str:
+    """A time or rate over a seed series: mean (± std with ``spread``) on one device; per
+    seed, in seed order, when the seeds ran on different machines (those don't average)."""
+    if len({r["device_name"] for r in batch}) > 1:
+        return " / ".join(f"{v:,.{digits}f}" for v in values)
+    if spread:
+        return _mean_std(values, digits)
+    return f"{statistics.mean(values):,.{digits}f}"
 
 
 def _joined(batch: list[dict[str, Any]], field: str, fmt: str = "{}", sep: str = ", ") -> str:
@@ -136,8 +170,8 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
                     *_seeds_and_scores(batch),
                     f"{feats:.1f}" if computed else "cached",
                     f"{r['train_images'] / feats:,.0f}" if computed else "",
-                    _mean_std([b["seconds"]["train"] for b in batch], 1),
-                    r["device_name"],
+                    _over_seeds(batch, [b["seconds"]["train"] for b in batch]),
+                    _devices(batch),
                     _joined(batch, "date"),
                     _joined(batch, "commit", "`{}`") + " |",
                 ]
@@ -197,11 +231,11 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
                         _paper(papers, dataset, r["method"], r["protocol"]),
                         f"{cold[0]:.1f} (cold)"
                         if cold
-                        else _mean_std([b["seconds"]["decode"] for b in batch], 1),
-                        _mean_std([b["seconds"]["train"] for b in batch], 1),
-                        _mean_std([b["seconds"]["assign"] for b in batch], 1),
-                        f"{statistics.mean(b['train_images_per_s'] for b in batch):,.0f}",
-                        r["device_name"],
+                        else _over_seeds(batch, [b["seconds"]["decode"] for b in batch]),
+                        _over_seeds(batch, [b["seconds"]["train"] for b in batch]),
+                        _over_seeds(batch, [b["seconds"]["assign"] for b in batch]),
+                        _over_seeds(batch, [b["train_images_per_s"] for b in batch], 0, False),
+                        _devices(batch),
                         _joined(batch, "date"),
                         _joined(batch, "commit", "`{}`") + " |",
                     ]
