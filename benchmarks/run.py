@@ -107,6 +107,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--data", type=Path, default=common.DEFAULT_DATA, help="the shared data folder")
     ap.add_argument(
         "--work", type=Path, default=common.default_work(), help="materialised data, runs"
@@ -124,8 +125,11 @@ def _parse() -> argparse.Namespace:
 
 
 def _tag(args: argparse.Namespace) -> str:
-    """The method, with its backbone when there is one, as a file-name part."""
+    """The method, with its backbone when there is one and a precision other than auto, as a
+    file-name part (so that ``--resume`` never continues a run of other arithmetic)."""
     tag = args.method if args.backbone == "none" else f"{args.method}+{args.backbone}"
+    if args.precision != "auto":
+        tag += f"-{args.precision}"
     return tag.replace(":", "-")
 
 
@@ -165,6 +169,7 @@ def _one_run(
         device=str(device),
         cache_dir=cache,
         compile=args.compile,
+        precision=args.precision,
         checkpoint_every=1 if args.resume else 0,
         reporter=reporter,
     )
@@ -245,6 +250,7 @@ def _shortcuts(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "compile": args.compile or None,
+        "precision": None if args.precision == "auto" else args.precision,
         "k": args.k,
     }
     return {k: v for k, v in given.items() if v is not None}

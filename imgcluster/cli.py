@@ -210,6 +210,13 @@ def train(
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile the networks (GPU runs).")
     ] = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Training arithmetic: auto (bf16 on a GPU, fp32 on the CPU), bf16 (also on "
+            "the CPU: much faster on CPUs with AMX or AVX-512 BF16), or fp32."
+        ),
+    ] = "auto",
     checkpoint_every: Annotated[
         int,
         typer.Option(help="Epochs between checkpoints (0: at most every two minutes)."),
@@ -254,6 +261,7 @@ def train(
             cache_dir=cache_dir,
             workers=workers,
             compile=compile,
+            precision=precision,
             checkpoint_every=checkpoint_every,
             resume=resume,
             sheets=sheets,

@@ -9,13 +9,15 @@
   ``train.log.jsonl`` line per epoch, saves checkpoints atomically, resumes
   from them, and stops cleanly at a step boundary on Ctrl-C.
 - ``autocast``, ``make_optimizer`` and ``compile_module`` set up the step:
-  bf16 autocast and fused optimisers on the GPU, plain fp32 on the CPU;
+  bf16 autocast and fused optimisers on the GPU, plain fp32 on the CPU (bf16 there too
+  inside ``precision("bf16")``, fp32 everywhere inside ``precision("fp32")``);
   ``GraphedStep`` replays a whole small-batch step as one CUDA graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import signal
 import threading
@@ -42,10 +44,31 @@ _AUTO_CHECKPOINT_S = 120.0  # default: a checkpoint at most this often, at epoch
 # -- the step ---------------------------------------------------------------------------------
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("precision", default="auto")
+
+
+@contextlib.contextmanager
+def precision(name: str) -> Iterator[None]:
+    """The arithmetic ``autocast`` sets up inside this block: ``auto``, bf16 on CUDA and fp32
+    on the CPU; ``bf16``, bf16 on the CPU too (the same arithmetic as on the GPU: ADC's
+    training step runs 2.6 times faster on one core of a CPU with AMX); ``fp32``, fp32
+    everywhere."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
 def autocast(device: torch.device) -> AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; nothing on the CPU (fp32 there)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on CUDA, nothing on the CPU (fp32 there), unless ``precision`` says
+    otherwise."""
+    mode = _PRECISION.get()
+    if mode != "fp32" and (device.type == "cuda" or (mode == "bf16" and device.type == "cpu")):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

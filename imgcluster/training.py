@@ -16,7 +16,7 @@ from . import backbones, cache, features, files
 from .autok import DEFAULT_RANGE, AutoK, choose_k
 from .decode import DEFAULT_MAX_SIZE
 from .device import resolve_device
-from .engine import Checkpointer
+from .engine import PRECISIONS, Checkpointer, precision
 from .errors import Interrupted, UsageError
 from .labels import Labels, write_labels, write_parquet
 from .methods import FitContext, Method, get_method
@@ -67,6 +67,7 @@ def train(
     cache_dir: Path | None = None,
     workers: int | None = None,
     compile: bool = False,
+    precision: str = "auto",
     checkpoint_every: int = 0,
     resume: Path | None = None,
     sheets: bool = True,
@@ -78,8 +79,12 @@ def train(
     ``backbone`` other than "none" clusters that pretrained network's features (see
     ``imgcluster.backbones``; ``weights`` is a state-dict file for offline use).
 
+    ``precision`` is the training arithmetic (see ``imgcluster.engine.precision``): ``auto``
+    (bf16 autocast on a GPU, fp32 on the CPU), ``bf16`` or ``fp32``.
+
     With ``resume``, continue the unfinished run in that folder with the settings in its
-    ``config.toml`` (``inputs``, ``k`` and the method settings are then taken from there).
+    ``config.toml`` (``inputs``, ``k``, ``precision`` and the method settings are then taken
+    from there).
     Parameters are checked before any work starts; see ``imgcluster train --help``.
     """
     reporter = reporter or Reporter(quiet=True)
@@ -106,6 +111,7 @@ def train(
             k_range,
             backbone,
             weights,
+            precision,
         )
         recorded = None
     clock = _Clock()
@@ -156,6 +162,7 @@ class _Job:
     auto: AutoK | None = None
     backbone: str = "none"  # "none": the method trains on pixels
     weights: Path | None = None  # the backbone's weights file (None: its own source)
+    precision: str = "auto"  # the training arithmetic (``engine.precision``)
 
     def max_image_size(self) -> int:
         """The largest automatic working size: the backbone's input size (smaller images are
@@ -188,6 +195,7 @@ class _Job:
         auto_range: tuple[int, int] = DEFAULT_RANGE,
         backbone: str = "none",
         weights: Path | None = None,
+        precision: str = "auto",
     ) -> _Job:
         method_cls = get_method(method)
         _check_backbone(method_cls, backbone, weights)
@@ -198,6 +206,9 @@ class _Job:
         algo = method_cls(2 if auto else k, config)  # checks the settings before any work
         if checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+        if precision not in PRECISIONS:
+            choices = ", ".join(PRECISIONS)
+            raise UsageError(f"--precision must be one of {choices}, got {precision!r}")
         return cls(
             [str(p) for p in inputs],
             algo.k,
@@ -212,6 +223,7 @@ class _Job:
             auto_range if auto else None,
             backbone=backbone,
             weights=Path(weights).absolute() if weights is not None else None,
+            precision=precision,
         )
 
     @classmethod
@@ -237,6 +249,7 @@ class _Job:
             checkpoint_every,
             backbone=backbone,
             weights=weights,
+            precision=str(t.get("precision", "auto")),  # older runs: auto
         )
 
 
@@ -273,7 +286,8 @@ def _fit_and_write(
         torch.manual_seed(job.seed)
         np.random.seed(job.seed % 2**32)
         if job.backbone == "none":
-            model = job.algo.fit(decoded.images, ctx)
+            with precision(job.precision):
+                model = job.algo.fit(decoded.images, ctx)
             clock.lap("fit")
             with reporter.task("labelling", total=n) as bar:
                 z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
@@ -434,6 +448,7 @@ def _settings(job: _Job, decoded: cache.Decoded) -> dict[str, Any]:
             "image_size": decoded.image_size,
             "strict": job.strict,
             "backbone": job.backbone,
+            "precision": job.precision,
             **({"weights": str(job.weights)} if job.weights is not None else {}),
         },
         "params": dataclasses.asdict(job.algo.config),

@@ -80,6 +80,29 @@ def test_short_run_trains_reloads_and_assigns_the_same(
     assert evaluate(run / "labels.csv").acc > 1 / 3  # better than chance on easy data
 
 
+def test_adc_trains_in_bf16_on_the_cpu_when_asked(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    real = adc.autocast
+
+    def spy(device: torch.device) -> object:
+        ctx = real(device)
+        seen.append(isinstance(ctx, torch.autocast))
+        return ctx
+
+    monkeypatch.setattr(adc, "autocast", spy)
+    run = train(
+        [folder], 3, method="adc", params=SHORT["adc"], out=tmp_path / "run", precision="bf16"
+    ).run_dir
+    assert seen and all(seen)  # every training step ran under bf16 autocast
+    losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    out = tmp_path / "assigned.csv"
+    assign(run, [folder], out=out)  # labelling is fp32 in both, so the labels agree
+    assert _labels(out, folder) == _labels(run / "labels.csv")
+
+
 def test_depict_targets() -> None:
     p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
     for rule in ("code", "paper"):

@@ -116,6 +116,53 @@ def test_an_interrupted_run_resumes_to_the_same_result(
     assert phases.count("done") == 1
 
 
+def test_precision_sets_the_arithmetic_of_autocast_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+
+    def dtype() -> torch.dtype:
+        with engine.autocast(cpu):
+            return layer(x).dtype
+
+    assert dtype() == torch.float32  # auto: fp32 on the CPU
+    with engine.precision("bf16"):
+        assert dtype() == torch.bfloat16
+        with engine.precision("fp32"):
+            assert dtype() == torch.float32
+        assert dtype() == torch.bfloat16
+    assert dtype() == torch.float32  # reset on leaving the block
+    with pytest.raises(ValueError, match="precision"), engine.precision("fp16"):
+        pass
+
+
+def test_resume_keeps_the_recorded_precision(
+    toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    fit = toy_method.ToyAE.fit
+
+    def spy(self: toy_method.ToyAE, images: np.ndarray, ctx: object) -> object:
+        seen.append(engine._PRECISION.get())
+        return fit(self, images, ctx)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(toy_method.ToyAE, "fit", spy)
+    run = tmp_path / "run"
+    toy_method._steps[0] = 0
+    toy_method.INTERRUPT_AT.add(3)
+    try:
+        with pytest.raises(Interrupted):
+            train([toy], 3, method="toy-ae", out=run, precision="bf16")
+    finally:
+        toy_method.INTERRUPT_AT.clear()
+    assert 'precision = "bf16"' in (run / "config.toml").read_text()
+    train(resume=run, precision="fp32")  # the recorded setting wins, as the method's do
+    assert seen == ["bf16", "bf16"]
+    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16"):
+        train([toy], 3, method="toy-ae", out=tmp_path / "bad", precision="fp16")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_needs_a_checkpoint(toy: Path, tmp_path: Path) -> None:
     done = train([toy], 3, method="toy-ae", out=tmp_path / "run").run_dir
     with pytest.raises(UsageError, match="no checkpoint"):
