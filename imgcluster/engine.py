@@ -52,8 +52,8 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("precision", de
 def precision(name: str) -> Iterator[None]:
     """The arithmetic ``autocast`` sets up inside this block: ``auto``, bf16 on CUDA and fp32
     on the CPU; ``bf16``, bf16 on the CPU too (the same arithmetic as on the GPU: ADC's
-    training step runs 2.6 times faster on one core of a CPU with AMX); ``fp32``, fp32
-    everywhere."""
+    training step on 28 px images runs twice as fast on a 2-core CPU with AMX); ``fp32``,
+    fp32 everywhere."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     token = _PRECISION.set(name)
