@@ -34,7 +34,7 @@ import torch
 
 from imgcluster import assign, evaluate, train
 from imgcluster.device import resolve_device
-from imgcluster.engine import CHECKPOINT
+from imgcluster.engine import CHECKPOINT, PRECISIONS
 from imgcluster.errors import Interrupted
 from imgcluster.report import Reporter
 
@@ -107,7 +107,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--data", type=Path, default=common.DEFAULT_DATA, help="the shared data folder")
     ap.add_argument(
         "--work", type=Path, default=common.default_work(), help="materialised data, runs"

@@ -164,6 +164,12 @@ class _Job:
     weights: Path | None = None  # the backbone's weights file (None: its own source)
     precision: str = "auto"  # the training arithmetic (``engine.precision``)
 
+    def __post_init__(self) -> None:
+        # here, so that a value read back from a run's config.toml is checked before any work too
+        if self.precision not in PRECISIONS:
+            choices = ", ".join(PRECISIONS)
+            raise UsageError(f"--precision must be one of {choices}, got {self.precision!r}")
+
     def max_image_size(self) -> int:
         """The largest automatic working size: the backbone's input size (smaller images are
         kept at their size and resized by the backbone), else the pixel methods' 64 px."""
@@ -206,9 +212,6 @@ class _Job:
         algo = method_cls(2 if auto else k, config)  # checks the settings before any work
         if checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-        if precision not in PRECISIONS:
-            choices = ", ".join(PRECISIONS)
-            raise UsageError(f"--precision must be one of {choices}, got {precision!r}")
         return cls(
             [str(p) for p in inputs],
             algo.k,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,14 @@ def test_resume_keeps_the_recorded_precision(
             train([toy], 3, method="toy-ae", out=run, precision="bf16")
     finally:
         toy_method.INTERRUPT_AT.clear()
-    assert 'precision = "bf16"' in (run / "config.toml").read_text()
+    config = (run / "config.toml").read_text()
+    assert 'precision = "bf16"' in config
+    edited = tmp_path / "edited"  # a copy: the failed resume keeps its folder's lock
+    shutil.copytree(run, edited)
+    (edited / "config.toml").write_text(config.replace('"bf16"', '"fp16"'))
+    with pytest.raises(UsageError, match="--precision must be one of"):
+        train(resume=edited)  # a recorded value is checked too, before any work
+    assert (edited / "checkpoint.safetensors").exists()
     train(resume=run, precision="fp32")  # the recorded setting wins, as the method's do
     assert seen == ["bf16", "bf16"]
     with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16"):
