@@ -326,7 +326,14 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
     if not records:
         return []
     latest = _latest(
-        records, lambda r: (r["step"], r["device_name"], r["batch_size"], r.get("compile", False))
+        records,
+        lambda r: (
+            r["step"],
+            r["device_name"],
+            r["batch_size"],
+            r.get("compile", False),
+            r.get("precision", "auto"),
+        ),
     )
     out = [
         "## Training throughput\n",
@@ -334,15 +341,20 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
         "device, augmented, forward, backward, update) against the bare network's forward + "
         "backward + update on random tensors already on the device, same batch size, same "
         "process. On the shared 2-core CPU, repeated runs of the same loop differ by up to about "
-        "10%, so CPU ratios above 1 are noise; the GPU figures are the ones the bar is about.\n",
-        "| step | network | image | batch | compile | full img/s | bare img/s | full / bare "
-        "| device | date | commit |",
-        "|" + "---|" * 11,
+        "10%, so CPU ratios above 1 are noise; the GPU figures are the ones the bar is about. "
+        "*precision*: `auto` is bf16 autocast on a GPU and fp32 on the CPU; `bf16` is bf16 "
+        "autocast on the CPU too (`--precision bf16`).\n",
+        "| step | network | image | batch | compile | precision | full img/s | bare img/s "
+        "| full / bare | device | date | commit |",
+        "|" + "---|" * 12,
     ]
-    for r in sorted(latest.values(), key=lambda r: (r["step"], r["device_name"])):
+    for r in sorted(
+        latest.values(), key=lambda r: (r["step"], r["device_name"], r.get("precision", "auto"))
+    ):
         out.append(
             f"| {r['step']} | {r['network']} | {r['image']} | {r['batch_size']} | "
-            f"{'yes' if r.get('compile') else 'no'} | {r['full_images_per_s']:,.0f} | "
+            f"{'yes' if r.get('compile') else 'no'} | {r.get('precision', 'auto')} | "
+            f"{r['full_images_per_s']:,.0f} | "
             f"{r['bare_images_per_s']:,.0f} | {r['ratio']:.2f} | {r['device_name']} | "
             f"{r['date']} | `{r['commit']}` |"
         )

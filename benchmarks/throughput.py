@@ -3,13 +3,16 @@
 
     python benchmarks/throughput.py [--step mmdc-resnet18] [--batch-size 512] [--device cuda]
                                     [--steps 50] [--warmup 10] [--compile]
+                                    [--precision auto|fp32|bf16]
 
 For each step (one per method family, with that method's network, augmentation (the
 methods' own definitions) and optimiser), two loops in the same process and at the same batch size:
   full: indices drawn on the device -> uint8 batch from DeviceImages -> augment -> forward ->
         backward -> update, exactly as the methods run it;
   bare: forward -> backward -> update on one random float batch already on the device.
-Prints images/s of both and their ratio, and writes a JSON to benchmarks/results/.
+Both loops run under ``--precision`` (as ``imgcluster train --precision``: ``bf16`` is bf16
+autocast on the CPU too). Prints images/s of both and their ratio, and writes a JSON to
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from imgcluster import nets, rng
 from imgcluster.augment import AugmentConfig, augment, to_float
 from imgcluster.device import resolve_device
 from imgcluster.engine import (
+    PRECISIONS,
     DeviceImages,
     autocast,
     compile_module,
     make_optimizer,
     param_groups,
+    precision,
     prepare,
 )
 from imgcluster.methods import adc, mmdc
@@ -133,6 +138,7 @@ def main() -> None:
         "--warmup", type=int, default=None, help="untimed steps (default 10 GPU, 1 CPU)"
     )
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto")
     ap.add_argument("--results", type=Path, default=common.RESULTS)
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -142,13 +148,18 @@ def main() -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True
     for name in args.step or sorted(STEPS):
-        record = measure(name, STEPS[name], args.batch_size, device, steps, warmup, args.compile)
+        with precision(args.precision):
+            record = measure(
+                name, STEPS[name], args.batch_size, device, steps, warmup, args.compile
+            )
+        record["precision"] = args.precision
+        tag = "" if args.precision == "auto" else f"-{args.precision}"
         print(
-            f"{name}: full {record['full_images_per_s']:,.0f} img/s, bare "
+            f"{name}{tag}: full {record['full_images_per_s']:,.0f} img/s, bare "
             f"{record['bare_images_per_s']:,.0f} img/s, ratio {record['ratio']:.2f}"
         )
         common.write_result(
-            record, args.results, f"{record['stamp']}-throughput-{name}-{device.type}"
+            record, args.results, f"{record['stamp']}-throughput-{name}{tag}-{device.type}"
         )
 
 

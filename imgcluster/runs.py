@@ -102,12 +102,16 @@ class RunFolder:
         with atomic_path(self.path / "embeddings.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(z, dtype=np.float32))
 
+    def release(self) -> None:
+        """Unlock the folder and leave it as it is (a resume that failed before training)."""
+        self._lock.release()
+
     def finish(self) -> None:
         """The run is complete: delete the run it replaced, if any, and unlock."""
         if self._replaced is not None:
             shutil.rmtree(self._replaced, ignore_errors=True)
             self._replaced = None
-        self._lock.release()
+        self.release()
 
     def keep_partial(self) -> None:
         """The run stopped with a checkpoint: keep it to resume; the run it replaces goes."""
@@ -115,7 +119,7 @@ class RunFolder:
 
     def abandon(self) -> None:
         """The run failed: remove what it wrote and put back the run it was replacing."""
-        self._lock.release()
+        self.release()
         shutil.rmtree(self.path, ignore_errors=True)
         if self._replaced is not None:
             os.rename(self._replaced, self.path)

@@ -88,33 +88,65 @@ def train(
     Parameters are checked before any work starts; see ``imgcluster train --help``.
     """
     reporter = reporter or Reporter(quiet=True)
-    if resume is not None:
-        run = RunFolder.reopen(resume)
-        recorded = run.read_config()
-        job = _Job.from_config(recorded, device, compile, checkpoint_every)
-    else:
-        if not inputs or k is None:
-            raise UsageError("name the images to cluster and --k, or --resume a run folder")
-        job = _Job.new(
-            inputs,
-            k,
-            method,
-            params,
-            epochs,
-            batch_size,
-            seed,
-            device,
-            image_size,
-            strict,
-            compile,
-            checkpoint_every,
-            k_range,
-            backbone,
-            weights,
-            precision,
+    resumed = RunFolder.reopen(resume) if resume is not None else None  # locks it
+    try:
+        if resumed is not None:
+            job = _resumed_job(resumed, device, compile, checkpoint_every)
+        else:
+            if not inputs or k is None:
+                raise UsageError("name the images to cluster and --k, or --resume a run folder")
+            job = _Job.new(
+                inputs,
+                k,
+                method,
+                params,
+                epochs,
+                batch_size,
+                seed,
+                device,
+                image_size,
+                strict,
+                compile,
+                checkpoint_every,
+                k_range,
+                backbone,
+                weights,
+                precision,
+            )
+        clock = _Clock()
+        found, decoded = _load(job, use_cache, cache_dir, workers, reporter, clock)
+        if resumed is not None:
+            _check_same_images(resumed.read_config(), decoded, resumed.path)
+    except BaseException:
+        if resumed is not None:
+            resumed.release()  # a resume that fails here leaves its run folder as it was
+        raise
+    run = resumed or RunFolder.create(out, runs_dir, run_name(found.root, job.method), force)
+    feature_cache = (cache_dir or cache.default_cache_dir()) if use_cache else None
+    return _fit_and_write(
+        job, decoded, run, resumed is not None, sheets, reporter, clock, feature_cache
+    )
+
+
+def _resumed_job(run: RunFolder, device: str, compile: bool, checkpoint_every: int) -> _Job:
+    """The job recorded in an unfinished run folder, checked before any decoding."""
+    if not Checkpointer(run.path).exists():
+        raise UsageError(
+            f"{show_path(run.path)}: no checkpoint to resume from "
+            "(the run finished, or stopped before its first checkpoint)"
         )
-        recorded = None
-    clock = _Clock()
+    return _Job.from_config(run.read_config(), device, compile, checkpoint_every)
+
+
+def _load(
+    job: _Job,
+    use_cache: bool,
+    cache_dir: Path | None,
+    workers: int | None,
+    reporter: Reporter,
+    clock: _Clock,
+) -> tuple[files.ImageList, cache.Decoded]:
+    """Find and decode the job's images (choosing K first with ``--k auto``)."""
     found = files.find_images(list(job.inputs))
     clock.lap("find")
     decoded = cache.load_images(
@@ -128,20 +160,13 @@ def train(
         reporter=reporter,
     )
     clock.lap("decode")
-    n = len(decoded.files)
     if job.auto_range is not None:
         job.choose_k(decoded.images, reporter)
         clock.lap("choose_k")
+    n = len(decoded.files)
     if n < job.k:
         raise UsageError(f"{n} readable images are fewer than the {job.k} clusters asked for")
-    if recorded is not None:
-        _check_same_images(recorded, decoded, run.path)
-    else:
-        run = RunFolder.create(out, runs_dir, run_name(found.root, job.method), force)
-    feature_cache = (cache_dir or cache.default_cache_dir()) if use_cache else None
-    return _fit_and_write(
-        job, decoded, run, resume is not None, sheets, reporter, clock, feature_cache
-    )
+    return found, decoded
 
 
 @dataclass
@@ -267,11 +292,6 @@ def _fit_and_write(
     feature_cache: Path | None,
 ) -> TrainResult:
     checkpoint = Checkpointer(run.path)
-    if resuming and not checkpoint.exists():
-        raise UsageError(
-            f"{show_path(run.path)}: no checkpoint to resume from "
-            "(the run finished, or stopped before its first checkpoint)"
-        )
     n = len(decoded.files)
     try:
         if not resuming:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,12 +157,11 @@ def test_resume_keeps_the_recorded_precision(
         toy_method.INTERRUPT_AT.clear()
     config = (run / "config.toml").read_text()
     assert 'precision = "bf16"' in config
-    edited = tmp_path / "edited"  # a copy: the failed resume keeps its folder's lock
-    shutil.copytree(run, edited)
-    (edited / "config.toml").write_text(config.replace('"bf16"', '"fp16"'))
+    (run / "config.toml").write_text(config.replace('"bf16"', '"fp16"'))
     with pytest.raises(UsageError, match="--precision must be one of"):
-        train(resume=edited)  # a recorded value is checked too, before any work
-    assert (edited / "checkpoint.safetensors").exists()
+        train(resume=run)  # a recorded value is checked too, before any work
+    assert (run / "checkpoint.safetensors").exists()
+    (run / "config.toml").write_text(config)  # fixed, the same process can resume it
     train(resume=run, precision="fp32")  # the recorded setting wins, as the method's do
     assert seen == ["bf16", "bf16"]
     with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16"):
@@ -171,10 +169,35 @@ def test_resume_keeps_the_recorded_precision(
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_resume_refused_after_decoding_leaves_the_run_as_it_was(
+    toy: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    toy_method._steps[0] = 0
+    toy_method.INTERRUPT_AT.add(3)
+    try:
+        with pytest.raises(Interrupted):
+            train([toy], 3, method="toy-ae", out=run, seed=1)
+    finally:
+        toy_method.INTERRUPT_AT.clear()
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    moved = next(toy.rglob("*.png"))
+    aside = tmp_path / moved.name
+    moved.rename(aside)
+    with pytest.raises(UsageError, match="images changed"):
+        train(resume=run)
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    aside.rename(moved)
+    assert train(resume=run).run_dir == run  # in the same process: the folder is not left locked
+    assert (run / "labels.csv").is_file() and not (run / ".lock").exists()
+
+
 def test_resume_needs_a_checkpoint(toy: Path, tmp_path: Path) -> None:
     done = train([toy], 3, method="toy-ae", out=tmp_path / "run").run_dir
-    with pytest.raises(UsageError, match="no checkpoint"):
-        train(resume=done)
+    for _ in range(2):  # the refused resume does not keep the folder locked
+        with pytest.raises(UsageError, match="no checkpoint"):
+            train(resume=done)
+    assert not (done / ".lock").exists()
     with pytest.raises(UsageError, match="not a run folder"):
         train(resume=tmp_path)
 
