@@ -333,6 +333,7 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
             r["batch_size"],
             r.get("compile", False),
             r.get("precision", "auto"),
+            r.get("threads"),
         ),
     )
     out = [
@@ -343,23 +344,39 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
         "process. On the shared 2-core CPU, repeated runs of the same loop differ by up to about "
         "10%, so CPU ratios above 1 are noise; the GPU figures are the ones the bar is about. "
         "*precision*: `auto` is bf16 autocast on a GPU and fp32 on the CPU; `bf16` is bf16 "
-        "autocast on the CPU too (`--precision bf16`).\n",
+        "autocast on the CPU too (`--precision bf16`); the harness autocasts every step, but "
+        "`depict` and `aecm` train in fp32 whatever the precision (only their full-data passes "
+        "autocast), so their bf16 rows show what bf16 would give those networks. *device*: "
+        "the CPU threads are given where `--threads` set them.\n",
         "| step | network | image | batch | compile | precision | full img/s | bare img/s "
         "| full / bare | device | date | commit |",
         "|" + "---|" * 12,
     ]
     for r in sorted(
-        latest.values(), key=lambda r: (r["step"], r["device_name"], r.get("precision", "auto"))
+        latest.values(),
+        key=lambda r: (
+            r["step"],
+            r["device_name"],
+            r.get("threads") or 0,
+            r.get("precision", "auto"),
+        ),
     ):
         out.append(
             f"| {r['step']} | {r['network']} | {r['image']} | {r['batch_size']} | "
             f"{'yes' if r.get('compile') else 'no'} | {r.get('precision', 'auto')} | "
             f"{r['full_images_per_s']:,.0f} | "
-            f"{r['bare_images_per_s']:,.0f} | {r['ratio']:.2f} | {r['device_name']} | "
+            f"{r['bare_images_per_s']:,.0f} | {r['ratio']:.2f} | {_threads(r)} | "
             f"{r['date']} | `{r['commit']}` |"
         )
     out += _commands(latest.values())
     return out
+
+
+def _threads(r: dict[str, Any]) -> str:
+    """The device, with the CPU threads torch used where the record says (older ones don't)."""
+    if r["device"] != "cpu" or r.get("threads") is None:
+        return r["device_name"]
+    return f"{r['device_name']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''}"
 
 
 def _decode_section(records: list[dict[str, Any]]) -> list[str]:

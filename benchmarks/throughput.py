@@ -3,7 +3,7 @@
 
     python benchmarks/throughput.py [--step mmdc-resnet18] [--batch-size 512] [--device cuda]
                                     [--steps 50] [--warmup 10] [--compile]
-                                    [--precision auto|fp32|bf16]
+                                    [--precision auto|fp32|bf16] [--threads N]
 
 For each step (one per method family, with that method's network, augmentation (the
 methods' own definitions) and optimiser), two loops in the same process and at the same batch size:
@@ -139,8 +139,11 @@ def main() -> None:
     )
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--results", type=Path, default=common.RESULTS)
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     steps = args.steps or (50 if gpu else 3)
@@ -153,6 +156,7 @@ def main() -> None:
                 name, STEPS[name], args.batch_size, device, steps, warmup, args.compile
             )
         record["precision"] = args.precision
+        record["threads"] = torch.get_num_threads()
         tag = "" if args.precision == "auto" else f"-{args.precision}"
         print(
             f"{name}{tag}: full {record['full_images_per_s']:,.0f} img/s, bare "
