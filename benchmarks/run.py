@@ -22,6 +22,7 @@ and this command. `python benchmarks/report.py` turns them into docs/benchmarks.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -133,6 +134,20 @@ def _tag(args: argparse.Namespace) -> str:
     return tag.replace(":", "-")
 
 
+def _settings(args: argparse.Namespace, params: dict[str, str]) -> str:
+    """A run-folder name part for settings other than the defaults: a hash of the method
+    parameters, epochs, batch size, K (and the dev split's size), so that ``--resume`` never
+    continues a run made with other settings, nor two such runs share a folder."""
+    given = params | _shortcuts(args)
+    given.pop("compile", None)  # the same arithmetic, compiled or not
+    given.pop("precision", None)  # already in _tag
+    if args.protocol == "dev":
+        given["dev_per_class"] = args.dev_per_class
+    if not given:
+        return ""
+    return "-" + hashlib.sha1(json.dumps(given, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def _splits(folders: dict[str, Path], protocol: str) -> tuple[list[Path], list[Path] | None]:
     """(train on, score on): score_on None means score the training labels themselves."""
     if "all" in folders:  # usps_11k: one pool only
@@ -161,7 +176,11 @@ def _one_run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reporter = Reporter(quiet=not args.verbose)
-    out = args.work / "runs" / f"{args.dataset}-{_tag(args)}-{protocol}-s{seed}"
+    out = (
+        args.work
+        / "runs"
+        / f"{args.dataset}-{_tag(args)}{_settings(args, params)}-{protocol}-s{seed}"
+    )
     started = time.perf_counter()
     auto = args.k == "auto"
     resumed = args.resume and (out / CHECKPOINT).is_file()
