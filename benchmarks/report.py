@@ -365,14 +365,14 @@ def _throughput_section(records: list[dict[str, Any]]) -> list[str]:
             f"| {r['step']} | {r['network']} | {r['image']} | {r['batch_size']} | "
             f"{'yes' if r.get('compile') else 'no'} | {r.get('precision', 'auto')} | "
             f"{r['full_images_per_s']:,.0f} | "
-            f"{r['bare_images_per_s']:,.0f} | {r['ratio']:.2f} | {_threads(r)} | "
+            f"{r['bare_images_per_s']:,.0f} | {r['ratio']:.2f} | {_device_label(r)} | "
             f"{r['date']} | `{r['commit']}` |"
         )
     out += _commands(latest.values())
     return out
 
 
-def _threads(r: dict[str, Any]) -> str:
+def _device_label(r: dict[str, Any]) -> str:
     """The device, with the CPU threads torch used where the record says (older ones don't)."""
     if r["device"] != "cpu" or r.get("threads") is None:
         return r["device_name"]

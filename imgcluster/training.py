@@ -91,7 +91,7 @@ def train(
     resumed = RunFolder.reopen(resume) if resume is not None else None  # locks it
     try:
         if resumed is not None:
-            job = _resumed_job(resumed, device, compile, checkpoint_every)
+            job, recorded = _resumed_job(resumed, device, compile, checkpoint_every)
         else:
             if not inputs or k is None:
                 raise UsageError("name the images to cluster and --k, or --resume a run folder")
@@ -116,7 +116,7 @@ def train(
         clock = _Clock()
         found, decoded = _load(job, use_cache, cache_dir, workers, reporter, clock)
         if resumed is not None:
-            _check_same_images(resumed.read_config(), decoded, resumed.path)
+            _check_same_images(recorded, decoded, resumed.path)
     except BaseException:
         if resumed is not None:
             resumed.release()  # a resume that fails here leaves its run folder as it was
@@ -128,14 +128,18 @@ def train(
     )
 
 
-def _resumed_job(run: RunFolder, device: str, compile: bool, checkpoint_every: int) -> _Job:
-    """The job recorded in an unfinished run folder, checked before any decoding."""
+def _resumed_job(
+    run: RunFolder, device: str, compile: bool, checkpoint_every: int
+) -> tuple[_Job, dict[str, Any]]:
+    """The job recorded in an unfinished run folder, checked before any decoding, and the
+    recorded config it came from."""
     if not Checkpointer(run.path).exists():
         raise UsageError(
             f"{show_path(run.path)}: no checkpoint to resume from "
             "(the run finished, or stopped before its first checkpoint)"
         )
-    return _Job.from_config(run.read_config(), device, compile, checkpoint_every)
+    recorded = run.read_config()
+    return _Job.from_config(recorded, device, compile, checkpoint_every), recorded
 
 
 def _load(
