@@ -8,10 +8,12 @@ from .errors import UsageError
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    """``auto`` is the current CUDA GPU when there is one, else the CPU. A GPU always comes
+    back with its index (``cuda:0``, not ``cuda``), so devices compare equal to the ones
+    tensors report."""
     name = str(name).strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
@@ -20,7 +22,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                 f"--device {name}: no CUDA GPU is available here; use --device cpu or auto"
             )
         dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
         return dev
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")

@@ -240,7 +240,8 @@ class DeviceImages:
         ):  # in blocks: a memory map is never read whole into RAM
             block = torch.from_numpy(np.array(images[start : start + 65536]))
             self.data[start : start + len(block)].copy_(block)
-        self.resident = self.data.device == device
+        # by where the data went, not by comparing devices: torch.device("cuda") != "cuda:0"
+        self.resident = on_gpu or device.type == "cpu"
         self.index_device = self.data.device
         self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self._turn = 0

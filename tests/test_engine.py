@@ -27,6 +27,21 @@ def test_device_images_batches_cover_a_keyed_permutation() -> None:
     assert torch.equal(torch.cat(data.in_order(7)), torch.arange(50))
 
 
+def test_a_gpu_device_comes_back_with_its_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.device("cuda") != torch.device("cuda:0"), the device tensors report: a bare
+    # "cuda" once made the engine treat images on the GPU as host-side (H200, 0a694cf)
+    from imgcluster.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda:0")
+    assert resolve_device("auto") == torch.device("cuda:0")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UsageError, match="only 2 GPU"):
+        resolve_device("cuda:2")
+
+
 def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     for kind in ("sgd", "adam", "adamw"):
