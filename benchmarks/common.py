@@ -92,6 +92,10 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The commit the code belongs to: ``IMGCLUSTER_COMMIT`` when set (the device machine gets
+    the working tree with a stale ``.git``, so ``.commit`` carried with it says), else git's."""
+    if os.environ.get("IMGCLUSTER_COMMIT", "unknown") != "unknown":
+        return os.environ["IMGCLUSTER_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
