@@ -76,8 +76,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, k: int) -> torch.Tensor:
-    """A randomly changed copy of each image of ``x`` (float, [0, 1]); ``k`` is the batch's key."""
+def augment(x: torch.Tensor, cfg: AugmentConfig, k: rng.Key) -> torch.Tensor:
+    """A randomly changed copy of each image of ``x`` (float, [0, 1]); ``k`` is the batch's key
+    (an int, or a 0-d tensor holding one: the same images)."""
     # every per-image parameter comes from one draw: a few kernels, not dozens, per batch
     u = rng.uniform((len(x), _PARAMS), k, x.device)
     if cfg.geometric:
@@ -156,8 +157,13 @@ def _crop_boxes(
         sx = torch.sqrt(area * ratio).clamp_max_(1.0)
         sy = torch.sqrt(area / ratio).clamp_max_(1.0)
     elif cfg.crop_sides:
-        sides = torch.tensor(cfg.crop_sides, device=dev)
-        sx = sy = sides[(u[:, _SIDE] * len(sides)).long().clamp_max(len(sides) - 1)]
+        # one of the sides, by where-chain rather than indexing a tensor made from the list:
+        # a host-to-device copy inside a step would stop it being captured as a CUDA graph
+        pick = (u[:, _SIDE] * len(cfg.crop_sides)).floor().clamp_max(len(cfg.crop_sides) - 1)
+        sx = torch.full((n,), cfg.crop_sides[0], device=dev)
+        for i, side in enumerate(cfg.crop_sides[1:], 1):
+            sx = torch.where(pick == i, side, sx)
+        sy = sx
     else:
         sx = sy = lo + (hi - lo) * u[:, _SIDE]
     cx = (1 - sx) * (2 * u[:, _CX] - 1)

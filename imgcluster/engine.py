@@ -68,7 +68,9 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
     otherwise."""
     mode = _PRECISION.get()
     if mode != "fp32" and (device.type == "cuda" or (mode == "bf16" and device.type == "cpu")):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # no cache of cast weights: a step captured as a CUDA graph must not keep tensors
+        # from its recording (PyTorch's advice); each weight is cast once per step anyway
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -132,7 +134,8 @@ def make_optimizer(
 
 
 class GraphedStep:
-    """A training step ``fn(idx) -> {name: tensor}`` replayed as one CUDA graph on the GPU.
+    """A training step ``fn(idx, *scalars) -> {name: tensor}`` replayed as one CUDA graph on
+    the GPU.
 
     A step over a small batch is bound by kernel launches, not arithmetic: DEPICT's (batch
     100, 28 px) issues some 150 kernels of a few microseconds each, and the Python that
@@ -140,20 +143,26 @@ class GraphedStep:
     backward, optimiser) is replayed with one launch. The first ``warmup`` calls run as
     ordinary code on a side stream (as CUDA graphs need: lazy initialisation happens
     there), the next one captures, and every later one copies its indices into the captured
-    index tensor and replays; the outputs are the same tensors each time, overwritten.
+    index tensor, refills the captured scalars and replays; the outputs are the same tensors
+    each time, overwritten (copy the dict before changing it).
+
+    ``scalars`` (a step's rng key, say) reach ``fn`` as 0-d tensors on the device (int64 for
+    an int, float32 for a float), in eager calls too, so both run the same arithmetic; they
+    are set with a fill, never a copy from host memory, which would wait for the GPU.
 
     What ``fn`` must do for that: read its batch only through ``idx`` and the images from
     resident ``DeviceImages``; keep every tensor it reads across steps at one address
     (update targets in place, never rebind them); use an optimiser made with
-    ``capturable=True`` and a learning rate that does not change within the phase; no host
-    synchronisation (``.item()``, ``.cpu()``, data-dependent shapes). Off the GPU, for a
-    batch of another size (an epoch's short last one), or after a capture that failed (the
-    reason is in ``fallback``), the step runs as ordinary code.
+    ``capturable=True`` and a learning rate that does not change within the phase, or one
+    held in a tensor that is refilled; no host synchronisation (``.item()``, ``.cpu()``,
+    data-dependent shapes, tensors made from Python lists). Off the GPU, for a batch of
+    another size (an epoch's short last one), or after a capture that failed (the reason is in
+    ``fallback``), the step runs as ordinary code.
     """
 
     def __init__(
         self,
-        fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        fn: Callable[..., dict[str, torch.Tensor]],
         enabled: bool,
         warmup: int = 3,
     ) -> None:
@@ -164,24 +173,28 @@ class GraphedStep:
         self._calls = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._idx: torch.Tensor | None = None
+        self._scalars: list[torch.Tensor] = []
         self._out: dict[str, torch.Tensor] = {}
 
-    def __call__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, idx: torch.Tensor, *scalars: float) -> dict[str, torch.Tensor]:
         if self._graph is not None and self._idx is not None and len(idx) == len(self._idx):
             self._idx.copy_(idx)
+            for held, value in zip(self._scalars, scalars, strict=True):
+                held.fill_(value)
             self._graph.replay()
             return self._out
+        args = [_scalar(v, idx.device) for v in scalars]
         if not self.enabled or self.fallback is not None or self._graph is not None:
-            return self.fn(idx)
+            return self.fn(idx, *args)
         self._calls += 1
         if self._calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = self.fn(idx)
+                out = self.fn(idx, *args)
             torch.cuda.current_stream().wait_stream(side)
             return out
-        return self._capture(idx)
+        return self._capture(idx, args)
 
     def status(self) -> str:
         """For the training log: ``replayed``, ``eager`` (not captured yet) or why it failed."""
@@ -189,21 +202,48 @@ class GraphedStep:
             return f"failed, eager: {self.fallback}"
         return "replayed" if self._graph is not None else "eager"
 
-    def _capture(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Record the step with ``idx`` as its input, then replay it once for this batch
-        (nothing runs while a graph is being recorded)."""
-        self._idx = idx.clone()
+    def _capture(self, idx: torch.Tensor, args: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Record the step with ``idx`` and ``args`` as its inputs, then replay it once for
+        this batch (nothing runs while a graph is being recorded)."""
+        self._idx, self._scalars = idx.clone(), args
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._out = self.fn(self._idx)
+                self._out = self.fn(self._idx, *self._scalars)
         except RuntimeError as error:  # an operation CUDA graphs cannot hold
             self.fallback = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             torch.cuda.synchronize()
-            return self.fn(idx)
+            return self.fn(idx, *[_scalar(a.item(), idx.device) for a in args])
         self._graph = graph
         graph.replay()
         return self._out
+
+
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A step's scalar input as a 0-d tensor on ``device``, made by a fill (no host copy)."""
+    dtype = torch.int64 if isinstance(value, int) else torch.float32
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def hold_lr(opt: torch.optim.Optimizer) -> None:
+    """Hold each group's learning rate in a 0-d tensor on its parameters' device, so a step
+    captured as a CUDA graph reads the value ``set_lr`` leaves there (a float would be frozen
+    into the graph). Call it before the first step, and again after a resume has restored
+    the optimiser (the checkpoint keeps the value as a number)."""
+    for group in opt.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            device = group["params"][0].device
+            group["lr"] = torch.full((), float(group["lr"]), device=device)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; one held in a tensor (for a captured step) is
+    refilled in place, so the graph that reads it sees the new value."""
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def scaled_lr(lr: float, batch_size: int, base_batch_size: int, rule: str = "linear") -> float:
@@ -345,7 +385,12 @@ def _optimizer_to_flat(
                 tensors[f"optim/{name}/{pid}/{key}"] = value
             else:
                 scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # a learning rate held in a tensor (set_lr) is saved as its value; hold_lr puts it back
+    groups = [
+        {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _optimizer_from_flat(

@@ -42,6 +42,21 @@ def test_rng_is_uniform_reproducible_and_key_dependent() -> None:
     assert counts.min() > 9_500 and counts.max() < 10_500
 
 
+def test_a_key_held_in_a_tensor_draws_the_same_numbers() -> None:
+    # the CUDA-graph steps refill a key tensor before each replay: same stream as the int key
+    for parts in [(0,), (7, 3), (2**33 + 5, 12, 0), (-1, 4)]:
+        k = rng.key(*parts)
+        kt = rng.key(*(torch.tensor(p) for p in parts))
+        assert isinstance(kt, torch.Tensor) and kt.item() == k
+        assert rng.key(k, 20) == rng.key(kt, 20).item() == rng.key(torch.tensor(k), 20).item()
+        assert torch.equal(rng.bits(1000, k, "cpu"), rng.bits(1000, torch.tensor(k), "cpu"))
+        assert torch.equal(rng.normal((50,), k, "cpu"), rng.normal((50,), torch.tensor(k), "cpu"))
+    x = aug.to_float(_batch())
+    for cfg in (ALL, aug.AugmentConfig(crop="square", crop_sides=(0.9, 0.7, 0.5), rotate=25)):
+        k = rng.key(3, 7)
+        assert torch.equal(aug.augment(x, cfg, k), aug.augment(x, cfg, torch.tensor(k)))
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_augment_keeps_shape_dtype_and_range(channels: int) -> None:
     x = aug.to_float(_batch(c=channels))

@@ -362,3 +362,28 @@ def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -
         runs["false"] / "labels.csv", folder
     )
     assert same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_adc_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
+    """ADC's randomness is keyed (rng), so a captured step draws what the eager one draws:
+    the first round's losses agree, and every round after the first is replayed."""
+    logs = {}
+    for graphs in ("true", "false"):
+        run = train(
+            [folder],
+            3,
+            method="adc",
+            device="cuda",
+            out=tmp_path / graphs,
+            seed=3,
+            params={**SHORT["adc"], "cuda_graphs": graphs},
+        ).run_dir
+        logs[graphs] = [r for r in _log(run) if "epoch" in r]
+    statuses = [r.get("cuda_graph") for r in logs["true"]]
+    assert statuses[-1] == "replayed" and statuses.count("replayed") >= len(statuses) - 2
+    assert not any("cuda_graph" in r for r in logs["false"])
+    first = logs["true"][0], logs["false"][0]
+    for term in ("aug_walker", "aug_visit", "norm", "loss"):
+        assert first[0][term] == pytest.approx(first[1][term], rel=2e-2)
+    assert sum(logs["true"][-1]["sizes"]) == sum(logs["false"][-1]["sizes"])
