@@ -112,8 +112,10 @@ def grey(x: torch.Tensor) -> torch.Tensor:
     """Luma N×1×H×W of an RGB (or already grey) batch."""
     if x.shape[1] == 1:
         return x
-    w = x.new_tensor(_GREY).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    # weights as Python numbers: a tensor made from them would be a host-to-device copy,
+    # which a step captured as a CUDA graph cannot hold
+    r, g, b = x.split(1, dim=1)
+    return r * _GREY[0] + g * _GREY[1] + b * _GREY[2]
 
 
 # -- geometry ------------------------------------------------------------------------------
