@@ -23,8 +23,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             )
         dev = torch.device(name)
         if dev.index is None:
-            return torch.device("cuda", torch.cuda.current_device())
+            dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        # every network here sees batches of one shape, the case cuDNN's autotuner is for:
+        # each convolution's fastest algorithm is timed once, at its first call
+        torch.backends.cudnn.benchmark = True
         return dev
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
