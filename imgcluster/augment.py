@@ -104,7 +104,7 @@ def centre_crop(x: torch.Tensor, side: float) -> torch.Tensor:
 def four_rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image at 0, 90, 180 and 270 degrees (exact), and the rotation labels 0..3."""
     rotated = torch.cat([torch.rot90(x, r, dims=(2, 3)) for r in range(4)])
-    labels = torch.arange(4, device=x.device).repeat_interleave(len(x))
+    labels = torch.arange(4 * len(x), device=x.device) // len(x)  # 0…0 1…1 2…2 3…3
     return rotated, labels
 
 

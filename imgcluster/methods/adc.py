@@ -274,8 +274,9 @@ class ADC(Method):
                 net, holder["centroids"], logit, data.take(idx), aug_cfg, key, cluster
             )
             optimizer_step(opt, terms["loss"])
-            if cluster:  # images per cluster, without bincount's wait for the GPU
-                terms["pred"] = F.one_hot(terms["pred"], self.k).sum(0)
+            if cluster:  # images per cluster, by comparison: bincount would wait for the GPU
+                clusters = torch.arange(self.k, device=idx.device)
+                terms["pred"] = (terms["pred"][:, None] == clusters).sum(0)
             return terms
 
         run = GraphedStep(step, graphs)
@@ -332,9 +333,10 @@ class ADC(Method):
             + terms["l2"]
         )
         if cluster:
-            labels = torch.arange(self.k, device=z.device).repeat_interleave(
-                cfg.centroids_per_cluster
-            )
+            # centroid j belongs to cluster j // m (integer division: no repeat_interleave,
+            # whose output size a captured step would have to ask the GPU for)
+            m = cfg.centroids_per_cluster
+            labels = torch.arange(self.k * m, device=z.device) // m
             terms["walker"] = walker_loss(cents, plain, labels)
             terms["visit"] = visit_loss(cents, plain)
             terms["logit"] = logit_loss(logit(cents), labels)

@@ -342,7 +342,7 @@ class MMDC(Method):
             idx, src = pair.chunk(2)
             targets = trainer.extra["targets"]
             t = targets[src]
-            targets[idx] = t
+            targets.index_copy_(0, idx, t)
             net.train()
             images = to_float(data.take(idx))
             aug = augment(images, plan.augment, key)
