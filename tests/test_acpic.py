@@ -77,3 +77,36 @@ def test_merge_gains_match_the_dense_inverse() -> None:
             for j in others.tolist()
         ]
         assert np.allclose(gains, expected, rtol=1e-8, atol=0)
+
+
+def test_merges_follow_the_biggest_gain_of_the_dense_inverse() -> None:
+    """The compiled merge loop against the definition: from the nearest-neighbour pairs, merge
+    the two edge-joined clusters whose union raises the path integral most, until K are left."""
+    from scipy.sparse.csgraph import connected_components
+
+    x = np.random.default_rng(1).normal(size=(70, 2)).astype(np.float32)
+    p, nearest = _transition_matrix(x, 5, 1.0)
+    dense, n = p.toarray(), len(x)
+    edges = (dense + dense.T) > 0
+    _, labels = connected_components(edges & (np.eye(n)[nearest] + np.eye(n)[nearest].T > 0))
+
+    def integral(inside: np.ndarray, s: np.ndarray) -> float:
+        inverse = np.linalg.inv(np.eye(s.sum()) - 0.01 * dense[np.ix_(s, s)])
+        return inverse[np.ix_(inside[s], inside[s])].sum() / inside.sum() ** 2
+
+    while len(np.unique(labels)) > 4:
+        best, pair = -np.inf, None
+        for i in np.unique(labels):
+            for j in np.unique(labels[edges[labels == i].any(0)]):
+                if j <= i:
+                    continue
+                a, b = labels == i, labels == j
+                gain = integral(a, a | b) + integral(b, a | b) - integral(a, a) - integral(b, b)
+                if gain > best:
+                    best, pair = gain, (i, j)
+        labels[labels == pair[1]] = pair[0]
+    expected = np.unique(labels, return_inverse=True)[1]
+    timings: dict[str, object] = {}
+    got = acpic(x, 4, k=5, min_size=1, timings=timings)
+    assert accuracy(expected, got) == 1.0
+    assert set(timings) == {"graph_seconds", "merge_seconds", "threads"}

@@ -19,6 +19,7 @@ creates are computed in parallel: on MNIST's 70,000 codes a merge has some 50 ne
 from __future__ import annotations
 
 import heapq
+import time
 
 import faiss
 import numba
@@ -27,6 +28,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 PATH_STEPS = 6  # the longest path summed: the next term is z⁷ = 1e-14
+PARALLEL_WORK = 4096  # points summed over a merge's sets before threads pay for themselves
 
 
 def acpic(
@@ -36,8 +38,12 @@ def acpic(
     a: float = 1.0,
     z: float = 0.01,
     min_size: int | None = None,
+    timings: dict[str, object] | None = None,
 ) -> np.ndarray:
     """Labels 0..n_clusters-1 for the rows of ``features`` (N × D).
+
+    ``timings``, when given, receives where the time went: ``graph_seconds`` (the K-NN graph),
+    ``merge_seconds`` (the merges) and ``threads`` (numba's).
 
     A cluster smaller than ``min_size`` (default a tenth of the average size N / n_clusters)
     is an outlier group: once only ``n_clusters`` clusters are at least that big, two of them
@@ -51,7 +57,9 @@ def acpic(
     k = max(1, min(k, n - 1))
     if n_clusters == n:  # (n_clusters <= n, so this also covers a single point)
         return np.arange(n, dtype=np.int64)
+    start = time.perf_counter()
     p, nearest = _transition_matrix(feats, k, a)
+    graph_seconds = time.perf_counter() - start
     parts, first = connected_components(
         sp.csr_matrix((np.ones(n), (np.arange(n), nearest)), shape=(n, n)), directed=False
     )
@@ -59,7 +67,12 @@ def acpic(
         first = np.arange(n)
     if min_size is None:
         min_size = max(1, n // (10 * n_clusters))
-    return _merge(p, first, n_clusters, z, min_size)
+    labels = _merge(p, first, n_clusters, z, min_size)
+    if timings is not None:
+        timings["graph_seconds"] = round(graph_seconds, 3)
+        timings["merge_seconds"] = round(time.perf_counter() - start - graph_seconds, 3)
+        timings["threads"] = numba.get_num_threads()
+    return labels
 
 
 def _transition_matrix(feats: np.ndarray, k: int, a: float) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -112,21 +125,22 @@ class _Graph:
         self.place[order] = np.arange(n) - np.repeat(first, np.diff(np.r_[first, n]))
         self.clusters = sorted_owner[starts]
         self.own = np.zeros(n)
+        alone = np.full(len(self.clusters), -1)
         self.own[self.clusters] = (
-            _integrals(self.clusters, np.full(len(self.clusters), -1), *self._state(), z)[:, 0]
+            _integrals_parallel(self.clusters, alone, *self._state(), z)[:, 0]
             / self.size[self.clusters] ** 2
         )
 
     def _state(self) -> tuple[np.ndarray, ...]:
         return (*self.p, self.owner, self.head, self.after, self.place, self.size)
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """Everything ``_merge_loop`` reads and updates, in its order."""
+        return (*self.p, *self.pt, self.owner, self.head, self.tail, self.after, self.place)
+
     def merge(self, i: int, j: int) -> None:
         """C_i ← C_i ∪ C_j, and S(C_i) anew."""
-        _link(i, j, self.owner, self.head, self.tail, self.after, self.place, self.size)
-        one = np.array([i])
-        self.own[i] = (
-            _integrals(one, np.array([-1]), *self._state(), self.z)[0, 0] / self.size[i] ** 2
-        )
+        _merge_pair(i, j, *self.arrays(), self.size, self.own, self.z)
 
     def neighbours(self, c: int, above: int = -1) -> np.ndarray:
         """The clusters d > ``above`` joined to C_c by an edge either way."""
@@ -141,11 +155,7 @@ class _Graph:
 
         S(C_a | S) = (1/|C_a|²) 1_aᵀ (I − zP_S)⁻¹ 1_a counting the paths from C_a back to
         C_a that may pass through the rest of S."""
-        within = _integrals(a, b, *self._state(), self.z)
-        return (
-            within[:, 0] / self.size[a] ** 2 + within[:, 1] / self.size[b] ** 2
-            - self.own[a] - self.own[b]
-        )  # fmt: skip
+        return _gains(a, b, *self._state(), self.own, self.z)
 
     def labels(self) -> np.ndarray:
         """Each point's cluster, numbered 0, 1, ... in the order of the cluster ids."""
@@ -184,121 +194,224 @@ def _neighbours(
     return np.sort(out)
 
 
-def _integrals_py(
+@numba.njit(cache=True)
+def _set_integrals(
+    c_a, c_b, indptr, indices, data, owner, head, after, place, size, z, out
+) -> None:  # pragma: no cover (compiled)
+    """For S = C_a ∪ C_b (c_b = -1: C_a alone), 1_aᵀ(I − zP_S)⁻¹1_a into out[0] and
+    1_bᵀ(I − zP_S)⁻¹1_b into out[1], by the Neumann series Σ_t (zP_S)^t over PATH_STEPS
+    terms after the first."""
+    n_a = size[c_a]
+    n = n_a + (size[c_b] if c_b >= 0 else 0)
+    points = np.empty(n, dtype=np.int64)
+    r = 0
+    for c in (c_a, c_b):
+        p = head[c] if c >= 0 else -1
+        while p >= 0:
+            points[r] = p
+            r += 1
+            p = after[p]
+    # P_S in CSR with positions in S: a point's place in C_a, or after C_a in C_b
+    room = 0
+    for p in points:
+        room += indptr[p + 1] - indptr[p]
+    row_ptr = np.empty(n + 1, dtype=np.int64)
+    cols = np.empty(room, dtype=np.int64)
+    vals = np.empty(room)
+    m = 0
+    for r in range(n):
+        row_ptr[r] = m
+        p = points[r]
+        for e in range(indptr[p], indptr[p + 1]):
+            q = indices[e]
+            if owner[q] == c_a:
+                cols[m] = place[q]
+            elif owner[q] == c_b:
+                cols[m] = n_a + place[q]
+            else:
+                continue
+            vals[m] = data[e]
+            m += 1
+    row_ptr[n] = m
+    for side in range(1 if c_b < 0 else 2):
+        lo, hi = (0, n_a) if side == 0 else (n_a, n)
+        v = np.zeros(n)
+        v[lo:hi] = 1.0
+        total = v.copy()
+        step = np.empty(n)
+        for _ in range(PATH_STEPS):
+            for r in range(n):
+                s = 0.0
+                for e in range(row_ptr[r], row_ptr[r + 1]):
+                    s += vals[e] * v[cols[e]]
+                step[r] = z * s
+            v, step = step, v
+            total += v
+        out[side] = total[lo:hi].sum()
+
+
+@numba.njit(cache=True)
+def _integrals_serial(
     a, b, indptr, indices, data, owner, head, after, place, size, z
 ) -> np.ndarray:  # pragma: no cover (compiled)
-    """For each set S = C_a[g] ∪ C_b[g] (b[g] = -1: C_a[g] alone), 1_aᵀ(I − zP_S)⁻¹1_a and
-    1_bᵀ(I − zP_S)⁻¹1_b (columns 0 and 1), by the Neumann series Σ_t (zP_S)^t over
-    PATH_STEPS terms after the first; the sets in parallel."""
+    """``_set_integrals`` of each set C_a[g] ∪ C_b[g] (columns 0 and 1), one after another."""
     out = np.zeros((len(a), 2))
-    for g in numba.prange(len(a)):
-        c_a, c_b = a[g], b[g]
-        n_a = size[c_a]
-        n = n_a + (size[c_b] if c_b >= 0 else 0)
-        points = np.empty(n, dtype=np.int64)
-        r = 0
-        for c in (c_a, c_b):
-            p = head[c] if c >= 0 else -1
-            while p >= 0:
-                points[r] = p
-                r += 1
-                p = after[p]
-        # P_S in CSR with positions in S: a point's place in C_a, or after C_a in C_b
-        room = 0
-        for p in points:
-            room += indptr[p + 1] - indptr[p]
-        row_ptr = np.empty(n + 1, dtype=np.int64)
-        cols = np.empty(room, dtype=np.int64)
-        vals = np.empty(room)
-        m = 0
-        for r in range(n):
-            row_ptr[r] = m
-            p = points[r]
-            for e in range(indptr[p], indptr[p + 1]):
-                q = indices[e]
-                if owner[q] == c_a:
-                    cols[m] = place[q]
-                elif owner[q] == c_b:
-                    cols[m] = n_a + place[q]
-                else:
-                    continue
-                vals[m] = data[e]
-                m += 1
-        row_ptr[n] = m
-        for side in range(1 if c_b < 0 else 2):
-            lo, hi = (0, n_a) if side == 0 else (n_a, n)
-            v = np.zeros(n)
-            v[lo:hi] = 1.0
-            total = v.copy()
-            step = np.empty(n)
-            for _ in range(PATH_STEPS):
-                for r in range(n):
-                    s = 0.0
-                    for e in range(row_ptr[r], row_ptr[r + 1]):
-                        s += vals[e] * v[cols[e]]
-                    step[r] = z * s
-                v, step = step, v
-                total += v
-            out[g, side] = total[lo:hi].sum()
+    for g in range(len(a)):
+        _set_integrals(
+            a[g], b[g], indptr, indices, data, owner, head, after, place, size, z, out[g]
+        )
     return out
 
 
-# one set at a time for the few sets of a cluster's own integral: starting threads costs more
-_integrals_serial = numba.njit(cache=True)(_integrals_py)
-_integrals_parallel = numba.njit(cache=True, parallel=True)(_integrals_py)
+@numba.njit(cache=True, parallel=True)
+def _integrals_parallel(
+    a, b, indptr, indices, data, owner, head, after, place, size, z
+) -> np.ndarray:  # pragma: no cover (compiled)
+    """``_integrals_serial``, the sets in parallel."""
+    out = np.zeros((len(a), 2))
+    for g in numba.prange(len(a)):
+        _set_integrals(
+            a[g], b[g], indptr, indices, data, owner, head, after, place, size, z, out[g]
+        )
+    return out
 
 
-def _integrals(a: np.ndarray, b: np.ndarray, *state: np.ndarray | float) -> np.ndarray:
-    """``_integrals_py`` compiled, in parallel when there are sets enough. The first call on
-    a machine compiles both versions (about 12 s on 2 cores); numba caches them after that."""
-    return (_integrals_parallel if len(a) >= 8 else _integrals_serial)(a, b, *state)
+@numba.njit(cache=True)
+def _gains(
+    a, b, indptr, indices, data, owner, head, after, place, size, own, z
+) -> np.ndarray:  # pragma: no cover (compiled)
+    """The path integral's increase from merging each pair (a[g], b[g]) (see ``_Graph.gains``);
+    the sets in parallel only when there is work enough to pay for waking the threads."""
+    work = 0
+    for g in range(len(a)):
+        work += size[a[g]] + size[b[g]]
+    state = (indptr, indices, data, owner, head, after, place, size, z)
+    if work >= PARALLEL_WORK:
+        within = _integrals_parallel(a, b, *state)
+    else:
+        within = _integrals_serial(a, b, *state)
+    out = np.empty(len(a))
+    for g in range(len(a)):
+        i, j = a[g], b[g]
+        out[g] = within[g, 0] / size[i] ** 2 + within[g, 1] / size[j] ** 2 - own[i] - own[j]
+    return out
+
+
+@numba.njit(cache=True)
+def _merge_pair(
+    i,
+    j,
+    indptr,
+    indices,
+    data,
+    t_indptr,
+    t_indices,
+    owner,
+    head,
+    tail,
+    after,
+    place,
+    size,
+    own,
+    z,
+) -> None:  # pragma: no cover (compiled)
+    """C_i ← C_i ∪ C_j, and S(C_i) anew."""
+    _link(i, j, owner, head, tail, after, place, size)
+    out = np.zeros(2)
+    _set_integrals(i, -1, indptr, indices, data, owner, head, after, place, size, z, out)
+    own[i] = out[0] / size[i] ** 2
 
 
 def _merge(
     p: sp.csr_matrix, labels: np.ndarray, n_clusters: int, z: float, min_size: int
 ) -> np.ndarray:
     graph = _Graph(p, labels, z)
-    size = graph.size  # kept by graph.merge
-
-    def is_big(c: int) -> int:  # an int: numpy bools add as "or"
-        return int(size[c] >= min_size)
-
-    alive = set(graph.clusters.tolist())
-    version = dict.fromkeys(alive, 0)
     # every pair an edge joins, i < j (for any other pair the increase is exactly 0)
-    pairs = [(i, j) for i in sorted(alive) for j in graph.neighbours(i, above=i).tolist()]
+    pairs = [(i, j) for i in graph.clusters.tolist() for j in graph.neighbours(i, above=i)]
     a, b = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
-    heap = [
-        (-g, i, j, 0, 0)
-        for g, i, j in zip(graph.gains(a, b).tolist(), a.tolist(), b.tolist(), strict=True)
-    ]
+    alive = np.zeros(len(labels), dtype=np.bool_)
+    alive[graph.clusters] = True
+    _merge_loop(
+        a, b, graph.gains(a, b), n_clusters, min_size, alive, *graph.arrays(), graph.size,
+        graph.own, z,
+    )  # fmt: skip
+    return graph.labels()
+
+
+@numba.njit(cache=True)
+def _merge_loop(
+    a,
+    b,
+    gains,
+    n_clusters,
+    min_size,
+    alive,
+    indptr,
+    indices,
+    data,
+    t_indptr,
+    t_indices,
+    owner,
+    head,
+    tail,
+    after,
+    place,
+    size,
+    own,
+    z,
+) -> None:  # pragma: no cover (compiled)
+    """Greedy merges, the biggest gain first, until ``n_clusters`` are ``alive``. A heap entry
+    (−gain, i, j, version of i, version of j) is stale once either cluster has merged since.
+    While only ``n_clusters`` clusters have ``min_size`` points, entries joining two of them
+    are held back (``deferred``) until a small cluster grows big."""
+    heap = [(-gains[g], a[g], b[g], 0, 0) for g in range(len(a))]
     heapq.heapify(heap)
-    big = sum(is_big(c) for c in alive)
-    deferred: list[tuple[float, int, int, int, int]] = []  # big pairs held back
-    while len(alive) > n_clusters:
-        if not heap:  # parts of the graph that no edge joins: merge the two smallest
-            i, j = sorted(alive, key=lambda c: (size[c], c))[:2]
+    deferred = [(0.0, 0, 0, 0, 0) for _ in range(0)]
+    version = np.zeros(len(alive), dtype=np.int64)
+    left = alive.sum()
+    big = 0
+    for c in np.flatnonzero(alive):
+        big += size[c] >= min_size
+    state = (indptr, indices, data, owner, head, after, place, size)
+    while left > n_clusters:
+        if len(heap) == 0:  # parts of the graph that no edge joins: merge the two smallest
+            i, j = _two_smallest(alive, size)
         else:
             entry = heapq.heappop(heap)
             _, i, j, vi, vj = entry
-            if version.get(i) != vi or version.get(j) != vj:
+            if not (alive[i] and alive[j]) or version[i] != vi or version[j] != vj:
                 continue  # stale: one of them has merged since
-            if big <= n_clusters and is_big(i) and is_big(j):
+            if big <= n_clusters and size[i] >= min_size and size[j] >= min_size:
                 deferred.append(entry)
                 continue
-        big -= is_big(i) + is_big(j)
-        graph.merge(i, j)
-        alive.discard(j)
-        big += is_big(i)
-        if big > n_clusters and deferred:  # a small cluster grew big: big pairs may merge again
-            for entry in deferred:
-                heapq.heappush(heap, entry)
+        big -= (size[i] >= min_size) + (size[j] >= min_size)
+        _merge_pair(
+            i, j, indptr, indices, data, t_indptr, t_indices, owner, head, tail, after, place,
+            size, own, z,
+        )  # fmt: skip
+        alive[j] = False
+        left -= 1
+        big += size[i] >= min_size
+        if big > n_clusters and len(deferred) > 0:  # a small cluster grew big: release them
+            for held in deferred:
+                heapq.heappush(heap, held)
             deferred.clear()
         version[i] += 1
-        del version[j]
-        others = graph.neighbours(i)
-        gains = graph.gains(np.full(len(others), i), others)
-        for d, g in zip(others.tolist(), gains.tolist(), strict=True):
-            lo, hi = min(i, d), max(i, d)
-            heapq.heappush(heap, (-g, lo, hi, version[lo], version[hi]))
-    return graph.labels()
+        others = _neighbours(i, -1, indptr, indices, t_indptr, t_indices, owner, head, after)
+        mine = np.full(len(others), i)
+        found = _gains(mine, others, *state, own, z)
+        for g in range(len(others)):
+            lo, hi = min(i, others[g]), max(i, others[g])
+            heapq.heappush(heap, (-found[g], lo, hi, version[lo], version[hi]))
+
+
+@numba.njit(cache=True)
+def _two_smallest(alive, size):  # pragma: no cover (compiled)
+    """The two alive clusters with the fewest points (ties: the lower id first)."""
+    best = (-1, -1)
+    for c in np.flatnonzero(alive):
+        if best[0] < 0 or (size[c], c) < (size[best[0]], best[0]):
+            best = (c, best[0])
+        elif best[1] < 0 or (size[c], c) < (size[best[1]], best[1]):
+            best = (best[0], c)
+    return best

@@ -339,7 +339,10 @@ class AECM(Method):
         if trainer.entering("cm"):
             start = time.perf_counter()
             z = map_batches(data, 4096, lambda b: ae(b.flatten(1).float() / 255.0))
-            labels, centres = _initial_clustering(z, self.k, cfg.pre_clustering, trainer.ctx.seed)
+            timings: dict[str, object] = {}
+            labels, centres = _initial_clustering(
+                z, self.k, cfg.pre_clustering, trainer.ctx.seed, timings
+            )
             clustered = time.perf_counter()
             trainer.extra["codes"] = _hand_over(ae, cm, z, labels, centres)
             agree = (cm(trainer.extra["codes"])[0].argmax(1) == labels).float().mean().item()
@@ -351,6 +354,7 @@ class AECM(Method):
                     "agreement": agree,
                     "clustering_seconds": round(clustered - start, 3),
                     "seconds": round(time.perf_counter() - start, 3),
+                    **timings,
                 }
             )
         z = trainer.extra.get("codes")  # absent when resuming past the "cm" phase
@@ -379,17 +383,18 @@ class AECM(Method):
 
 
 def _initial_clustering(
-    z: torch.Tensor, k: int, how: str, seed: int
+    z: torch.Tensor, k: int, how: str, seed: int, timings: dict[str, object] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """init=pre: labels and centres (K×d) of the pretrained codes: k-means (the authors' choice;
     FAISS, 20 restarts, the lowest objective kept) or AC-PIC (the centres are its clusters'
-    means), which follows the manifolds that k-means cuts across."""
+    means), which follows the manifolds that k-means cuts across. AC-PIC's ``timings`` go
+    into the given dict."""
     codes = z.cpu().numpy()
     if how == "kmeans":
         km = faiss_kmeans(codes, k, seed=seed, epochs=100, restarts=20)
         labels, centres = torch.from_numpy(km.labels), torch.from_numpy(km.centroids)
     else:
-        labels = torch.from_numpy(acpic(codes, k)).long()
+        labels = torch.from_numpy(acpic(codes, k, timings=timings)).long()
         centres = torch.zeros(k, z.shape[1]).index_add_(0, labels, z.cpu().float())
         centres /= torch.bincount(labels, minlength=k).clamp_min(1)[:, None]
     return labels.to(z.device), centres.to(z)

@@ -213,7 +213,7 @@ class Depict(Method):
         record: dict[str, object] = {"phase": cfg.init}
         start = time.perf_counter()
         if cfg.init == "acpic":
-            labels = acpic(z, self.k)
+            labels = acpic(z, self.k, timings=record)
             centres = np.stack([z[labels == c].mean(0) for c in range(self.k)])
         else:
             km = faiss_kmeans(
