@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 PATH_STEPS = 6  # the longest path summed: the next term is z⁷ = 1e-14
-PARALLEL_WORK = 4096  # points summed over a merge's sets before threads pay for themselves
+PARALLEL_WORK = 1024  # points summed over a merge's sets before threads pay for themselves
 
 
 def acpic(
