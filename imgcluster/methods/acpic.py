@@ -12,8 +12,9 @@ first, until K clusters remain. Two changes make it scale, neither changing the 
 rounding: increases are computed only for clusters joined by an edge (for any other pair the
 increase is exactly 0), and (I − zP)⁻¹ is summed as its Neumann series Σ_t (zP)^t over the
 paths of up to 6 steps (z = 0.01: error < 1e-12), so memory is O(N·K) instead of the authors'
-dense N×N matrices. The loops are compiled with numba, and the increases of the pairs a merge
-creates are computed in parallel: on MNIST's 70,000 codes a merge has some 50 neighbours.
+dense N×N matrices. The whole merge loop (heap included) is compiled with numba, and the
+increases of the pairs a merge creates are computed in parallel when there are enough points
+in them: on MNIST's 70,000 codes a merge has some 50 neighbours.
 """
 
 from __future__ import annotations
