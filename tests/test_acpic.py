@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgcluster.methods.acpic import _Graph, _transition_matrix, acpic
+from imgcluster.methods import acpic as acpic_module
+from imgcluster.methods.acpic import _Graph, _transition_matrix, acpic, compile_ahead
 from imgcluster.metrics import accuracy
 
 
@@ -109,4 +110,32 @@ def test_merges_follow_the_biggest_gain_of_the_dense_inverse() -> None:
     timings: dict[str, object] = {}
     got = acpic(x, 4, k=5, min_size=1, timings=timings)
     assert accuracy(expected, got) == 1.0
-    assert set(timings) == {"graph_seconds", "merge_seconds", "threads"}
+    assert set(timings) == {"graph_seconds", "merge_seconds", "threads", "compile_wait_seconds"}
+
+
+def test_compiling_ahead_in_a_child_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = _blobs(30, [[0, 0], [6, 0], [0, 6]])
+    monkeypatch.setattr(acpic_module, "_cached", lambda: False)  # as on a fresh machine
+    with compile_ahead():
+        child = acpic_module._ahead
+        assert child is not None
+        timings: dict[str, object] = {}
+        labels = acpic(x, 3, timings=timings)  # waits for the child, then runs
+        assert child.poll() == 0  # it ran AC-PIC's every compiled function and exited cleanly
+        assert timings["compile_wait_seconds"] >= 0
+    assert accuracy(y, labels) == 1.0 and acpic_module._ahead is None
+
+
+def test_a_child_still_compiling_is_stopped_with_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acpic(_blobs(10, [[0, 0], [6, 0]])[0], 2)
+    assert acpic_module._cached()  # compiled by now: nothing to do ahead
+    with compile_ahead():
+        assert acpic_module._ahead is None
+    monkeypatch.setattr(acpic_module, "_cached", lambda: False)
+    with compile_ahead():
+        child = acpic_module._ahead
+    assert child is not None and child.poll() is not None and acpic_module._ahead is None
+    with compile_ahead(enabled=False):
+        assert acpic_module._ahead is None

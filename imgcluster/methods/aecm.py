@@ -38,7 +38,7 @@ from ..errors import UsageError
 from ..model import ClusterModel, Preprocessing, register_embedder
 from ..nets import MLPAutoencoder
 from . import register
-from .acpic import acpic
+from .acpic import acpic, compile_ahead
 from .base import FitContext, Method
 from .kmeans import faiss_kmeans
 
@@ -232,7 +232,10 @@ class AECM(Method):
         trainer = Trainer(ctx, {"ae": ae, "cm": cm})
         batch = min(cfg.batch_size, n)
         if cfg.init == "pre":
-            self._pretrain(trainer, data, ae, cm, batch)
+            # AC-PIC's numba code compiles in a child process while the autoencoder pretrains
+            ahead = cfg.pre_clustering == "acpic" and trainer.entering("cm")
+            with compile_ahead(ahead):
+                self._pretrain(trainer, data, ae, cm, batch)
         opt = make_optimizer(
             "adamw",
             list(ae.parameters()) + list(cm.parameters()),

@@ -46,7 +46,7 @@ from ..errors import UsageError
 from ..model import ClusterModel, Preprocessing, register_embedder
 from ..nets import DepictAE
 from . import register
-from .acpic import acpic
+from .acpic import acpic, compile_ahead
 from .base import FitContext, Method
 from .kmeans import faiss_kmeans
 
@@ -163,9 +163,11 @@ class Depict(Method):
         head = prepare(nn.Linear(self.k, self.k), ctx.device)
         trainer = Trainer(ctx, {"ae": ae, "head": head})
         batch = min(cfg.batch_size, n)
-        self._pretrain(trainer, data, ae, batch)
-        if trainer.entering("head"):
-            self._initial_clustering(trainer, data, ae, head)
+        # AC-PIC's numba code compiles in a child process while the autoencoder pretrains
+        with compile_ahead(cfg.init == "acpic" and trainer.entering("head")):
+            self._pretrain(trainer, data, ae, batch)
+            if trainer.entering("head"):
+                self._initial_clustering(trainer, data, ae, head)
         self._train_head(trainer, data, ae, head, batch)
         self._train_depict(trainer, data, ae, head, batch)
         embedder = DepictEmbedder(**ae.spec()).to(ctx.device)
