@@ -400,10 +400,11 @@ def _decode_section(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _acpic_section(records: list[dict[str, Any]]) -> list[str]:
-    """AC-PIC timed alone (benchmarks/acpic_speed.py), latest per codes, threads and machine."""
+    """AC-PIC timed alone (benchmarks/acpic_speed.py), latest per codes, threads, machine and
+    commit (a speed-up shows as the rows of two commits)."""
     if not records:
         return []
-    latest = _latest(records, lambda r: (r["what"], r["threads"], r["device_name"]))
+    latest = _latest(records, lambda r: (r["what"], r["threads"], r["device_name"], r["commit"]))
     out = [
         "## AC-PIC\n",
         "The initial clustering of `depict` and `aecm` (`imgcluster/methods/acpic.py`), timed "
@@ -411,7 +412,7 @@ def _acpic_section(records: list[dict[str, Any]]) -> list[str]:
         "| codes | threads | seconds | first s | machine | date | commit |",
         "|" + "---|" * 7,
     ]
-    for r in sorted(latest.values(), key=lambda r: (r["what"], r["threads"])):
+    for r in sorted(latest.values(), key=lambda r: (r["what"], r["threads"], r["stamp"])):
         out.append(
             f"| {r['what']} | {r['threads']} | {r['seconds']:.1f} | {r['first_seconds']:.1f} | "
             f"{r['device_name']} | {r['date']} | `{r['commit']}` |"
