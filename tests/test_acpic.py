@@ -136,6 +136,9 @@ def test_a_child_still_compiling_is_stopped_with_the_block(
     monkeypatch.setattr(acpic_module, "_cached", lambda: False)
     with compile_ahead():
         child = acpic_module._ahead
+        with compile_ahead():  # a nested block neither starts a second child nor stops this one
+            assert acpic_module._ahead is child
+        assert acpic_module._ahead is child
     assert child is not None and child.poll() is not None and acpic_module._ahead is None
     with compile_ahead(enabled=False):
         assert acpic_module._ahead is None

@@ -340,21 +340,29 @@ def test_mmdc_rejects_the_rotation_task_on_the_small_vgg() -> None:
         mmdc.MMDC(3, mmdc.MMDCConfig(network="vgg", rotation="on")).plan(1, 28)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
-    """Without dropout (the one random op) a captured DEPICT gives the eager one's labels."""
-    params = {**SHORT["depict"], "dropout": "0", "init": "kmeans"}
-    runs = {}
-    for graphs in ("true", "false"):
-        runs[graphs] = train(
+def _with_and_without_graphs(
+    method: str, params: dict[str, str], folder: Path, tmp_path: Path
+) -> dict[str, Path]:
+    """The run folders of one short GPU run with CUDA graphs and one without (seed 3)."""
+    return {
+        graphs: train(
             [folder],
             3,
-            method="depict",
+            method=method,
             device="cuda",
             out=tmp_path / graphs,
             seed=3,
             params={**params, "cuda_graphs": graphs},
         ).run_dir
+        for graphs in ("true", "false")
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
+    """Without dropout (the one random op) a captured DEPICT gives the eager one's labels."""
+    params = {**SHORT["depict"], "dropout": "0", "init": "kmeans"}
+    runs = _with_and_without_graphs("depict", params, folder, tmp_path)
     last = {r["phase"]: r.get("cuda_graph") for r in _log(runs["true"]) if "epoch" in r}
     # each phase's first steps warm up eagerly; by its last epoch the steps are replayed
     assert last == {"pretrain": "replayed", "head": "replayed", "depict": "replayed"}
@@ -369,18 +377,8 @@ def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -
 def test_adc_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
     """ADC's randomness is keyed (rng), so a captured step draws what the eager one draws:
     the first round's losses agree, and every round after the first is replayed."""
-    logs = {}
-    for graphs in ("true", "false"):
-        run = train(
-            [folder],
-            3,
-            method="adc",
-            device="cuda",
-            out=tmp_path / graphs,
-            seed=3,
-            params={**SHORT["adc"], "cuda_graphs": graphs},
-        ).run_dir
-        logs[graphs] = [r for r in _log(run) if "epoch" in r]
+    runs = _with_and_without_graphs("adc", SHORT["adc"], folder, tmp_path)
+    logs = {graphs: [r for r in _log(run) if "epoch" in r] for graphs, run in runs.items()}
     statuses = [r.get("cuda_graph") for r in logs["true"]]
     assert statuses[-1] == "replayed" and statuses.count("replayed") >= len(statuses) - 2
     assert not any("cuda_graph" in r for r in logs["false"])
@@ -397,18 +395,8 @@ def test_mmdc_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> 
     # 3 steps an epoch: 3 eager warm-up calls, then captured; the learning rate's drop at
     # epoch 5 makes a new SGD step, captured anew
     params = {**SHORT["mmdc"], "epochs": "8", "refine_epoch": "3", "milestone": "5"}
-    logs = {}
-    for graphs in ("true", "false"):
-        run = train(
-            [folder],
-            3,
-            method="mmdc",
-            device="cuda",
-            out=tmp_path / graphs,
-            seed=3,
-            params={**params, "cuda_graphs": graphs},
-        ).run_dir
-        logs[graphs] = [r for r in _log(run) if "epoch" in r]
+    runs = _with_and_without_graphs("mmdc", params, folder, tmp_path)
+    logs = {graphs: [r for r in _log(run) if "epoch" in r] for graphs, run in runs.items()}
     replayed = [r.get("cuda_graph") == "replayed" for r in logs["true"]]
     assert replayed == [False, True, True, True, True, False, True, True]
     assert not any("cuda_graph" in r for r in logs["false"])

@@ -49,7 +49,8 @@ def compile_ahead(enabled: bool = True) -> Iterator[None]:
     Nothing happens if the child cannot start, and a failed child just leaves the work to
     ``acpic``. Nothing starts when numba's cache already holds them."""
     global _ahead
-    if enabled and _ahead is None and not _cached():
+    started = enabled and _ahead is None and not _cached()
+    if started:
         code = "from imgcluster.methods.acpic import _compile; _compile()"
         try:
             _ahead = subprocess.Popen(
@@ -62,7 +63,7 @@ def compile_ahead(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        if _ahead is not None:
+        if started and _ahead is not None:  # an outer block's child is the outer block's
             _ahead.kill()
             _ahead.wait()
             _ahead = None
