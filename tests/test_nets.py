@@ -35,6 +35,27 @@ def test_depict_noisy_pathway_differs_and_clean_is_deterministic() -> None:
     assert not torch.equal(ae.encode(x, noisy=False)[2], ae.encode(x, noisy=True)[2])
 
 
+@pytest.mark.parametrize("size", [16, 28, 32])
+def test_depict_batched_pathways_equal_two_encoder_passes(size: int) -> None:
+    """The GPU's one-batch clean + noisy pass: same activations, same dropout masks, and the
+    same gradients up to the order of float sums."""
+    ae = nets.DepictAE(1, size, k=10)
+    x = torch.rand(8, 1, size, size) * 2 - 1
+
+    def run(encode):  # a DEPICT-like loss on both pathways, and its gradients
+        torch.manual_seed(3)
+        clean, noisy = encode()
+        loss = (ae.decode(noisy[2])[2] - x).pow(2).mean() + (noisy[2] - clean[2]).pow(2).mean()
+        return [*clean, *noisy], torch.autograd.grad(loss, list(ae.parameters()))
+
+    two, grads_two = run(lambda: (ae.encode(x, noisy=False), ae.encode(x, noisy=True)))
+    one, grads_one = run(lambda: ae._encode_batched(x))
+    assert all(torch.equal(a, b) for a, b in zip(two, one, strict=True))
+    assert not torch.equal(one[2], one[5])  # the noisy half did get its dropout
+    for a, b in zip(grads_two, grads_one, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_depict_geometry_matches_the_authors_choices() -> None:
     assert nets.depict_geometry(28) == ((4, 5), (0, 2))
     assert nets.depict_geometry(16) == ((4, 5), (0, 2))
@@ -70,3 +91,17 @@ def test_nets_rebuild_from_their_spec() -> None:
 def test_resnet18_has_the_usual_size() -> None:
     params = sum(p.numel() for p in nets.SmallResNet(3, 10).parameters())
     assert 11_000_000 < params < 11_300_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the batched pathways run on a GPU")
+def test_depict_pathways_on_a_gpu_are_one_batch_with_the_same_masks() -> None:
+    ae = nets.DepictAE(1, 28, k=10).cuda()
+    x = torch.rand(100, 1, 28, 28, device="cuda") * 2 - 1
+    torch.manual_seed(3)
+    two = [*ae.encode(x, noisy=False), *ae.encode(x, noisy=True)]
+    torch.manual_seed(3)
+    one = [t for pathway in ae.encode_pair(x) for t in pathway]
+    # cuDNN may pick another algorithm (TF32) for a batch of 200; a different dropout mask
+    # would move activations by tenths, not thousandths
+    for a, b in zip(two, one, strict=True):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2)

@@ -189,12 +189,8 @@ class Depict(Method):
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = layout(_scale(data.take(idx)))
-            loss = reconstruction_loss(
-                x,
-                ae.encode(x, noisy=False),
-                ae.decode(ae.encode(x, noisy=True)[2]),
-                cfg.hidden_weight,
-            )
+            clean, noisy = ae.encode_pair(x)
+            loss = reconstruction_loss(x, clean, ae.decode(noisy[2]), cfg.hidden_weight)
             optimizer_step(opt, loss)
             return {"loss": loss}
 
@@ -259,8 +255,8 @@ class Depict(Method):
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = layout(_scale(data.take(idx)))
-            _, _, z = ae.encode(x, noisy=True)
-            rec = reconstruction_loss(x, ae.encode(x, noisy=False), ae.decode(z), cfg.hidden_weight)
+            clean, (_, _, z) = ae.encode_pair(x)
+            rec = reconstruction_loss(x, clean, ae.decode(z), cfg.hidden_weight)
             ce = F.cross_entropy(head(z), labels[idx].to(z.device))
             loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
             optimizer_step(opt, loss)
@@ -300,8 +296,8 @@ class Depict(Method):
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = layout(_scale(data.take(idx)))
             rows = idx.to(q.device)
-            _, _, z = ae.encode(x, noisy=True)
-            rec = reconstruction_loss(x, ae.encode(x, noisy=False), ae.decode(z), cfg.hidden_weight)
+            clean, (_, _, z) = ae.encode_pair(x)
+            rec = reconstruction_loss(x, clean, ae.decode(z), cfg.hidden_weight)
             ce = cluster_cross_entropy(q[rows], head(z))
             loss = cfg.recon_weight * rec + cfg.cluster_weight * ce
             optimizer_step(opt, loss)
