@@ -204,12 +204,13 @@ class _Graph:
         return (*self.p, self.owner, self.head, self.after, self.place, self.size)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """Everything ``_merge_loop`` reads and updates, in its order."""
+        """The edges and cluster lists ``_merge_pair`` and ``_merge_loop`` take as one tuple:
+        (indptr, indices, data, t_indptr, t_indices, owner, head, tail, after, place)."""
         return (*self.p, *self.pt, self.owner, self.head, self.tail, self.after, self.place)
 
     def merge(self, i: int, j: int) -> None:
         """C_i ← C_i ∪ C_j, and S(C_i) anew."""
-        _merge_pair(i, j, *self.arrays(), self.size, self.own, self.z)
+        _merge_pair(i, j, self.arrays(), self.size, self.own, self.z)
 
     def neighbours(self, c: int, above: int = -1) -> np.ndarray:
         """The clusters d > ``above`` joined to C_c by an edge either way."""
@@ -367,24 +368,9 @@ def _gains(
 
 
 @numba.njit(cache=True)
-def _merge_pair(
-    i,
-    j,
-    indptr,
-    indices,
-    data,
-    t_indptr,
-    t_indices,
-    owner,
-    head,
-    tail,
-    after,
-    place,
-    size,
-    own,
-    z,
-) -> None:  # pragma: no cover (compiled)
-    """C_i ← C_i ∪ C_j, and S(C_i) anew."""
+def _merge_pair(i, j, graph, size, own, z) -> None:  # pragma: no cover (compiled)
+    """C_i ← C_i ∪ C_j, and S(C_i) anew (``graph``: ``_Graph.arrays``)."""
+    indptr, indices, data, _, _, owner, head, tail, after, place = graph
     _link(i, j, owner, head, tail, after, place, size)
     out = np.zeros(2)
     _set_integrals(i, -1, indptr, indices, data, owner, head, after, place, size, z, out)
@@ -400,34 +386,14 @@ def _merge(
     a, b = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
     alive = np.zeros(len(labels), dtype=np.bool_)
     alive[graph.clusters] = True
-    _merge_loop(
-        a, b, graph.gains(a, b), n_clusters, min_size, alive, *graph.arrays(), graph.size,
-        graph.own, z,
-    )  # fmt: skip
+    gains, arrays = graph.gains(a, b), graph.arrays()
+    _merge_loop(a, b, gains, n_clusters, min_size, alive, arrays, graph.size, graph.own, z)
     return graph.labels()
 
 
 @numba.njit(cache=True)
 def _merge_loop(
-    a,
-    b,
-    gains,
-    n_clusters,
-    min_size,
-    alive,
-    indptr,
-    indices,
-    data,
-    t_indptr,
-    t_indices,
-    owner,
-    head,
-    tail,
-    after,
-    place,
-    size,
-    own,
-    z,
+    a, b, gains, n_clusters, min_size, alive, graph, size, own, z
 ) -> None:  # pragma: no cover (compiled)
     """Greedy merges, the biggest gain first, until ``n_clusters`` are ``alive``. A heap entry
     (−gain, i, j, version of i, version of j) is stale once either cluster has merged since.
@@ -441,6 +407,7 @@ def _merge_loop(
     big = 0
     for c in np.flatnonzero(alive):
         big += size[c] >= min_size
+    indptr, indices, data, t_indptr, t_indices, owner, head, _, after, place = graph
     state = (indptr, indices, data, owner, head, after, place, size)
     while left > n_clusters:
         if len(heap) == 0:  # parts of the graph that no edge joins: merge the two smallest
@@ -454,10 +421,7 @@ def _merge_loop(
                 deferred.append(entry)
                 continue
         big -= (size[i] >= min_size) + (size[j] >= min_size)
-        _merge_pair(
-            i, j, indptr, indices, data, t_indptr, t_indices, owner, head, tail, after, place,
-            size, own, z,
-        )  # fmt: skip
+        _merge_pair(i, j, graph, size, own, z)
         alive[j] = False
         left -= 1
         big += size[i] >= min_size
