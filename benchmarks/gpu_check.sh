@@ -57,14 +57,15 @@ for d in sys.argv[1:]: common.materialise(d, Path('.data'), Path('$work'))" "$@"
   echo "materialise $*: $(($(date +%s) - start)) s" >> "$summary"
 }
 
-# DEPICT's steps replayed as CUDA graphs: the same arithmetic as the eager step
+# the GPU-only tests: steps replayed as CUDA graphs do the same arithmetic as the eager
+# steps (DEPICT, ADC, MMDC), and DEPICT's one-batch encoder passes keep their dropout masks
 graph_tests() {
   local start limit=${1:-90}
   [ "$(left)" -lt "$limit" ] && limit=$(left)
   [ "$limit" -lt 20 ] && { echo "CUDA graph tests: skipped, $limit s left" >> "$summary"; return; }
   start=$(date +%s)
   timeout "$limit" python3 -m pytest -o addopts= -q -p no:cacheprovider tests/test_engine.py \
-    tests/test_deep_methods.py -k "graph" > "$stage/logs/graph-tests.out" 2>&1
+    tests/test_deep_methods.py tests/test_nets.py -k "graph or gpu" > "$stage/logs/graph-tests.out" 2>&1
   echo "CUDA graph tests: rc $? in $(($(date +%s) - start)) s: $(tail -n 1 "$stage/logs/graph-tests.out")" >> "$summary"
 }
 
