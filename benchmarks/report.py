@@ -33,9 +33,9 @@ whose exact command, device, date and commit are listed with it.
   **NMI**: normalised mutual information, arithmetic mean; **ARI**: adjusted Rand index.
   Mean ± sample standard deviation over the seeds shown. A row is the latest invocation;
   when it started past seed 0 (`--first-seed`, long CPU runs go a seed at a time) the lower
-  seeds come from the latest earlier invocations (the same machine first, then any), and
-  every command and commit is listed; times of seeds run on different machines are given
-  per seed.
+  seeds come from the latest earlier invocations (the same machine first, then the same kind,
+  CPU or GPU, then any), and every command and commit is listed; times of seeds run on
+  different machines are given per seed.
 - **Protocol**: `pooled` trains and scores on train + test together (DEPICT, MMDC, AE-CM and
   the k-means baseline, as their papers); `split` trains on the train split and scores the test
   split through `imgcluster assign` (ADC, as its paper); `test` trains and scores on the test
@@ -99,13 +99,20 @@ def _seed_series(
     batches: dict[str, list[dict[str, Any]]], head: str
 ) -> tuple[list[dict[str, Any]], set[str]]:
     """Batch ``head``, plus, when it started past seed 0 (``--first-seed``), the lower seeds
-    from the latest earlier batches that ran them, on the same device first, then on another:
+    from the latest earlier batches that ran them, on the same device first, then on the same
+    kind (CPU or GPU), then on another:
     long CPU runs go one seed a session, on whichever machine the session got. Returns the
     series and the names of the batches it drew on."""
-    device = batches[head][0]["device_name"]
+    first = batches[head][0]
     older = sorted((n for n in batches if n != head), reverse=True)
-    order = [n for n in older if batches[n][0]["device_name"] == device]
-    order += [n for n in older if batches[n][0]["device_name"] != device]
+    # a CPU series borrows a CPU's seeds before a GPU's: a GPU's seed 0 is its own row
+    order = sorted(
+        older,
+        key=lambda n: (
+            batches[n][0]["device_name"] != first["device_name"],
+            _kind(batches[n][0]) != _kind(first),
+        ),
+    )
     series, names = list(batches[head]), {head}
     for name in order:
         low = min(r["seed"] for r in series)
@@ -114,6 +121,11 @@ def _seed_series(
             series += lower
             names.add(name)
     return sorted(series, key=lambda r: r["seed"]), names
+
+
+def _kind(r: dict[str, Any]) -> str:
+    """The kind of device: "cpu" or the accelerator's type ("cuda")."""
+    return str(r["device"]).split(":")[0]
 
 
 def _devices(batch: list[dict[str, Any]]) -> str:

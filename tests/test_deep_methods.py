@@ -367,9 +367,7 @@ def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -
     # each phase's first steps warm up eagerly; by its last epoch the steps are replayed
     assert last == {"pretrain": "replayed", "head": "replayed", "depict": "replayed"}
     assert not any("cuda_graph" in r for r in _log(runs["false"]))
-    same = _labels(runs["true"] / "labels.csv", folder) == _labels(
-        runs["false"] / "labels.csv", folder
-    )
+    same = _labels(runs["true"] / "labels.csv") == _labels(runs["false"] / "labels.csv")
     assert same
 
 
