@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,29 @@ def test_worker_pool_gives_the_same_result_as_inline(tmp_path: Path) -> None:
         )
     inline, _ = dec.decode_chunk(paths, 6, 1)
     assert np.array_equal(parallel, inline)
+
+
+def test_workers_do_not_run_the_parents_main_script(tmp_path: Path) -> None:
+    """multiprocessing re-runs the parent's script in each new worker unless it is hidden: a
+    script importing torch at the top made every worker import it (seconds each)."""
+    for i in range(80):  # above the in-process threshold
+        Image.new("L", (6, 6), i).save(tmp_path / f"{i}.png")
+    log = tmp_path / "imported.txt"
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, sys\n"
+        f"with open({str(log)!r}, 'a') as fh:\n"
+        "    fh.write(f'{os.getpid()}\\n')\n"
+        "from imgcluster import decode as dec\n"
+        "if __name__ == '__main__':\n"
+        f"    paths = [os.path.join({str(tmp_path)!r}, f'{{i}}.png') for i in range(80)]\n"
+        "    with dec.Workers(len(paths), workers=2) as pool:\n"
+        "        done = sum(len(r) for r in pool.map(dec.probe_chunk, pool.chunks(paths)))\n"
+        "    spec = sys.modules['__main__'].__spec__\n"
+        "    print(done, spec is None, __file__ == sys.argv[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert out.stdout.split() == ["80", "True", "True"]  # all probed; __main__ restored
+    assert len(log.read_text().split()) == 1  # the parent alone ran the script
