@@ -445,6 +445,7 @@ class Trainer:
         self._images = 0
         self._stop = threading.Event()
         self._last_save = time.monotonic()
+        self._born = time.perf_counter()  # log lines say when they were written, from here
         self._note: dict[str, Any] = {}
         self._shown: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._finish = False
@@ -550,6 +551,9 @@ class Trainer:
             "images": images,
             "seconds": round(seconds, 3),
             "images_per_s": round(images / max(seconds, 1e-9), 1),
+            # seconds since this process's trainer started: the gaps between epochs show
+            # the set-up, captures and one-off passes that no epoch counts
+            "elapsed": round(time.perf_counter() - self._born, 3),
             **self._note,
         }
         self.ctx.log(record)

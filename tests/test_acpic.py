@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from imgcluster.methods import acpic as acpic_module
 from imgcluster.methods.acpic import _Graph, _transition_matrix, acpic, compile_ahead
@@ -142,3 +143,23 @@ def test_a_child_still_compiling_is_stopped_with_the_block(
     assert child is not None and child.poll() is not None and acpic_module._ahead is None
     with compile_ahead(enabled=False):
         assert acpic_module._ahead is None
+
+
+def test_knn_with_torch_finds_what_faiss_finds() -> None:
+    """The K-NN search used for codes on a GPU (run here on the CPU, in blocks of 7 rows):
+    the same neighbours in the same order as FAISS, the same squared distances."""
+    x = np.random.default_rng(0).normal(size=(300, 10)).astype(np.float32)
+    dist, idx = acpic_module._knn_torch(torch.from_numpy(x), 21, block_items=7 * 300)
+    want_dist, want_idx = acpic_module._knn_faiss(x, 21)
+    assert np.array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-4, atol=1e-4)
+    p, nearest = _transition_matrix(torch.from_numpy(x), 20, 1.0)  # a CPU tensor: FAISS
+    want_p, want_nearest = _transition_matrix(x, 20, 1.0)
+    assert np.array_equal(nearest, want_nearest) and (p != want_p).nnz == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_codes_on_a_gpu_give_the_same_clusters() -> None:
+    x, y = _blobs(200, [[0, 0, 0], [5, 0, 0], [0, 5, 0], [0, 0, 5]])
+    on_gpu = acpic(torch.from_numpy(x).cuda(), 4)
+    assert np.array_equal(on_gpu, acpic(x, 4)) and accuracy(y, on_gpu) == 1.0

@@ -101,6 +101,9 @@ def test_deep_method_logs_every_epoch(toy: Path, tmp_path: Path) -> None:
         ("cluster", 2),
     ]
     assert all(r["images"] == 32 and r["images_per_s"] > 0 and r["loss"] > 0 for r in epochs)
+    elapsed = [r["elapsed"] for r in epochs]  # when each line was written: after its epoch
+    assert elapsed == sorted(elapsed)
+    assert all(r["elapsed"] >= r["seconds"] for r in epochs)
     assert {"recon", "pull", "lr"} <= set(epochs[-1])
     assert not (result.run_dir / "checkpoint.safetensors").exists()  # removed when done
     assert set(result.timings) == {"find", "decode", "fit", "label", "write"}

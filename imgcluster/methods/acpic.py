@@ -30,6 +30,7 @@ import faiss
 import numba
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.sparse.csgraph import connected_components
 
 PATH_STEPS = 6  # the longest path summed: the next term is z⁷ = 1e-14
@@ -98,7 +99,7 @@ def _wait_for_ahead() -> float:
 
 
 def acpic(
-    features: np.ndarray,
+    features: np.ndarray | torch.Tensor,
     n_clusters: int,
     k: int = 20,
     a: float = 1.0,
@@ -107,6 +108,10 @@ def acpic(
     timings: dict[str, object] | None = None,
 ) -> np.ndarray:
     """Labels 0..n_clusters-1 for the rows of ``features`` (N × D).
+
+    ``features`` on a GPU (a CUDA tensor) has its K-NN search made there, in blocks, where
+    FAISS on the CPU took 4.2 s of a 16-core host for 70,000 codes; the merges run on the
+    CPU either way.
 
     ``timings``, when given, receives where the time went: ``graph_seconds`` (the K-NN graph),
     ``merge_seconds`` (the merges), ``threads`` (numba's) and ``compile_wait_seconds`` (the
@@ -117,8 +122,7 @@ def acpic(
     are no longer merged with each other, and the small ones are merged into them instead.
     Without this guard a couple of mutual-neighbour outliers, whose path integral with the
     rest is tiny, survive as clusters of their own while two real clusters merge."""
-    feats = np.ascontiguousarray(features, dtype=np.float32)
-    n = len(feats)
+    n = len(features)
     if not 1 <= n_clusters <= n:
         raise ValueError(f"cannot make {n_clusters} clusters of {n} points")
     k = max(1, min(k, n - 1))
@@ -126,7 +130,7 @@ def acpic(
         return np.arange(n, dtype=np.int64)
     waited = _wait_for_ahead()
     start = time.perf_counter()
-    p, nearest = _transition_matrix(feats, k, a)
+    p, nearest = _transition_matrix(features, k, a)
     graph_seconds = time.perf_counter() - start
     parts, first = connected_components(
         sp.csr_matrix((np.ones(n), (np.arange(n), nearest)), shape=(n, n)), directed=False
@@ -144,11 +148,14 @@ def acpic(
     return labels
 
 
-def _transition_matrix(feats: np.ndarray, k: int, a: float) -> tuple[sp.csr_matrix, np.ndarray]:
+def _transition_matrix(
+    feats: np.ndarray | torch.Tensor, k: int, a: float
+) -> tuple[sp.csr_matrix, np.ndarray]:
     """Row-normalised K-NN graph with Gaussian weights and self-loops; also each point's NN."""
-    index = faiss.IndexFlatL2(feats.shape[1])
-    index.add(feats)
-    dist, idx = index.search(feats, k + 1)
+    if isinstance(feats, torch.Tensor) and feats.is_cuda:
+        dist, idx = _knn_torch(feats, k + 1)
+    else:
+        dist, idx = _knn_faiss(_numpy(feats), k + 1)
     dist = np.maximum(dist.astype(np.float64), 0.0)  # squared distances; column 0 is the point
     self_first = idx[:, 0] == np.arange(len(feats))
     # duplicates can put another point first: drop whichever column holds the point itself
@@ -165,6 +172,45 @@ def _transition_matrix(feats: np.ndarray, k: int, a: float) -> tuple[sp.csr_matr
     ) + sp.identity(n, format="csr")
     p = sp.csr_matrix(w.multiply(1.0 / np.asarray(w.sum(axis=1))))
     return p, idx[:, 0]
+
+
+def _numpy(feats: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(feats, torch.Tensor):
+        feats = feats.detach().cpu().numpy()
+    return np.ascontiguousarray(feats, dtype=np.float32)
+
+
+def _knn_faiss(feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of each row (itself included): squared distances, indices."""
+    index = faiss.IndexFlatL2(feats.shape[1])
+    index.add(feats)
+    return index.search(feats, k)
+
+
+def _knn_torch(
+    feats: torch.Tensor, k: int, block_items: int = 2**26
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_knn_faiss`` with torch where ``feats`` is (a GPU), a block of queries at a time
+    (at most ``block_items`` distances, 256 MiB): ‖x‖² − 2x·y + ‖y‖² in fp32, as FAISS
+    computes them, then the ``k`` smallest of each row. Full fp32 products: neither autocast
+    nor TF32, which would move the neighbours."""
+    x = feats.detach().float().contiguous()
+    sq = (x * x).sum(1)
+    rows = max(1, block_items // len(x))
+    dists, idxs = [], []
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(x.device.type, enabled=False):
+            for start in range(0, len(x), rows):
+                q = x[start : start + rows]
+                d = (sq[start : start + rows, None] - 2.0 * (q @ x.T)) + sq[None]
+                dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+                dists.append(dist)
+                idxs.append(idx)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return torch.cat(dists).cpu().numpy(), torch.cat(idxs).cpu().numpy()
 
 
 class _Graph:

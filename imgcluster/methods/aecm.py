@@ -397,7 +397,7 @@ def _initial_clustering(
         km = faiss_kmeans(codes, k, seed=seed, epochs=100, restarts=20)
         labels, centres = torch.from_numpy(km.labels), torch.from_numpy(km.centroids)
     else:
-        labels = torch.from_numpy(acpic(codes, k, timings=timings)).long()
+        labels = torch.from_numpy(acpic(z, k, timings=timings)).long()  # K-NN where z is
         centres = torch.zeros(k, z.shape[1]).index_add_(0, labels, z.cpu().float())
         centres /= torch.bincount(labels, minlength=k).clamp_min(1)[:, None]
     return labels.to(z.device), centres.to(z)

@@ -207,11 +207,12 @@ class Depict(Method):
         """AC-PIC (or k-means) on the clean embeddings; the softmax layer starts at the
         L2-normalised mean embedding of each initial cluster."""
         cfg: DepictConfig = self.config
-        z = _embed(data, ae).cpu().numpy()
+        codes = _embed(data, ae)
+        z = codes.cpu().numpy()
         record: dict[str, object] = {"phase": cfg.init}
         start = time.perf_counter()
-        if cfg.init == "acpic":
-            labels = acpic(z, self.k, timings=record)
+        if cfg.init == "acpic":  # its K-NN search runs where the codes are
+            labels = acpic(codes, self.k, timings=record)
             centres = np.stack([z[labels == c].mean(0) for c in range(self.k)])
         else:
             km = faiss_kmeans(
