@@ -58,14 +58,16 @@ for d in sys.argv[1:]: common.materialise(d, Path('.data'), Path('$work'))" "$@"
 }
 
 # the GPU-only tests: steps replayed as CUDA graphs do the same arithmetic as the eager
-# steps (DEPICT, ADC, MMDC), and DEPICT's one-batch encoder passes keep their dropout masks
+# steps (DEPICT, ADC, MMDC), DEPICT's one-batch encoder passes keep their dropout masks, and
+# AC-PIC with its K-NN search on the GPU gives the clusters it gives on the CPU
 graph_tests() {
   local start limit=${1:-90}
   [ "$(left)" -lt "$limit" ] && limit=$(left)
   [ "$limit" -lt 20 ] && { echo "CUDA graph tests: skipped, $limit s left" >> "$summary"; return; }
   start=$(date +%s)
   timeout "$limit" python3 -m pytest -o addopts= -q -p no:cacheprovider tests/test_engine.py \
-    tests/test_deep_methods.py tests/test_nets.py -k "graph or gpu" > "$stage/logs/graph-tests.out" 2>&1
+    tests/test_deep_methods.py tests/test_nets.py tests/test_acpic.py -k "graph or gpu" \
+    > "$stage/logs/graph-tests.out" 2>&1
   echo "CUDA graph tests: rc $? in $(($(date +%s) - start)) s: $(tail -n 1 "$stage/logs/graph-tests.out")" >> "$summary"
 }
 
@@ -84,13 +86,21 @@ case "$issue" in
     [ "$(left)" -gt 60 ] && check depict-mnist-s12 "$(left)" --dataset mnist --method depict \
       --first-seed 1 --seeds 2
     ;;
-  speed)  # every method's MNIST-70k run, decode included, under 2 minutes (issues 4, 5 and 6)
+  speed)  # the MNIST-70k timings still owed, decode included (bar: under 2 minutes). ADC
+    # (83 s) and MMDC (56 s) met it at 4e48c2c; DEPICT took 128 s there, AE-CM was cut at 100 s
     materialise mnist
-    graph_tests 60  # first: the captured steps against the eager ones (DEPICT, ADC, MMDC)
-    check depict-mnist 125 --dataset mnist --method depict --seeds 1
+    graph_tests 60  # first: captured steps against eager ones, AC-PIC's K-NN on the GPU
+    # two seeds: the head phase's length varied 26 -> 42 epochs between two seed-0 runs
+    check depict-mnist 300 --dataset mnist --method depict --seeds 2
+    check aecm-mnist 150 --dataset mnist --method aecm --seeds 1  # 87 s at a583dba
+    ;;
+  speed-all)  # every method's MNIST-70k run, decode included (issues 4, 5 and 6)
+    materialise mnist
+    graph_tests 60
+    check depict-mnist 150 --dataset mnist --method depict --seeds 1
     check adc-mnist 125 --dataset mnist --method adc --seeds 1
-    check mmdc-mnist 125 --dataset mnist --method mmdc --seeds 1
-    check aecm-mnist 100 --dataset mnist --method aecm --seeds 1  # 87 s at a583dba
+    check mmdc-mnist 100 --dataset mnist --method mmdc --seeds 1
+    check aecm-mnist 120 --dataset mnist --method aecm --seeds 1
     ;;
   5-cifar10)  # ADC: CIFAR-10 ACC >= 0.29 (train split, scored on the test split)
     materialise cifar10
@@ -118,7 +128,7 @@ case "$issue" in
     check scan-effnet-cifar10 270 --dataset cifar10 --protocol test --method scan \
       --backbone efficientnet-lite0 --seeds 3 --cache /tmp/fc
     ;;
-  *) echo "gpu_check.sh: no GPU check for issue $issue (speed, 4, 4-fmnist, 5, 5-cifar10, 6 or 9)" >> "$summary" ;;
+  *) echo "gpu_check.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 5, 5-cifar10, 6 or 9)" >> "$summary" ;;
 esac
 cp "$summary" "$stage/"
 tar -czf "$out/gpu-check.tar.gz" -C "$stage" .
