@@ -106,7 +106,8 @@ def _torch_top(
     device: torch.device,
     chunk: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The same answer as FAISS's flat index, as batched matmuls on ``device``."""
+    """The same answer as FAISS's flat index, as batched matmuls on ``device`` (full fp32:
+    neither TF32 nor an enclosing autocast, which would change which row wins)."""
     xt = torch.as_tensor(x, device=device).float()
     ct = torch.as_tensor(c, device=device).float()
     c_sq = (ct * ct).sum(1)
@@ -114,15 +115,16 @@ def _torch_top(
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # TF32 would change which centroid wins
     try:
-        for part in xt.split(chunk):
-            dot = part @ ct.T
-            if metric == "l2":
-                d2 = ((part * part).sum(1, keepdim=True) - 2 * dot + c_sq).clamp_min_(0)
-                s, i = d2.topk(top, dim=1, largest=False)
-            else:
-                s, i = dot.topk(top, dim=1, largest=True)
-            scores.append(s)
-            ids.append(i)
+        with torch.autocast(device.type, enabled=False):
+            for part in xt.split(chunk):
+                dot = part @ ct.T
+                if metric == "l2":
+                    d2 = ((part * part).sum(1, keepdim=True) - 2 * dot + c_sq).clamp_min_(0)
+                    s, i = d2.topk(top, dim=1, largest=False)
+                else:
+                    s, i = dot.topk(top, dim=1, largest=True)
+                scores.append(s)
+                ids.append(i)
     finally:
         torch.set_float32_matmul_precision(previous)
     return torch.cat(scores).cpu().numpy(), torch.cat(ids).cpu().numpy().astype(np.int64)

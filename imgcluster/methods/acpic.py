@@ -33,6 +33,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from ..search import _torch_top
+
 PATH_STEPS = 6  # the longest path summed: the next term is z⁷ = 1e-14
 PARALLEL_WORK = 1024  # points summed over a merge's sets before threads pay for themselves
 
@@ -191,27 +193,10 @@ def _knn_faiss(feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _knn_torch(
     feats: torch.Tensor, k: int, block_items: int = 2**26
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``_knn_faiss`` with torch where ``feats`` is (a GPU), a block of queries at a time
-    (at most ``block_items`` distances, 256 MiB): ‖x‖² − 2x·y + ‖y‖² in fp32, as FAISS
-    computes them, then the ``k`` smallest of each row. Full fp32 products: neither autocast
-    nor TF32, which would move the neighbours."""
-    x = feats.detach().float().contiguous()
-    sq = (x * x).sum(1)
-    rows = max(1, block_items // len(x))
-    dists, idxs = [], []
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(x.device.type, enabled=False):
-            for start in range(0, len(x), rows):
-                q = x[start : start + rows]
-                d = (sq[start : start + rows, None] - 2.0 * (q @ x.T)) + sq[None]
-                dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-                dists.append(dist)
-                idxs.append(idx)
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    return torch.cat(dists).cpu().numpy(), torch.cat(idxs).cpu().numpy()
+    """``_knn_faiss`` on the device ``feats`` is on (a GPU): the search module's FAISS-equal
+    flat search, a block of queries at a time (at most ``block_items`` distances, 256 MiB)."""
+    rows = max(1, block_items // len(feats))
+    return _torch_top(feats, feats, "l2", k, feats.device, chunk=rows)
 
 
 class _Graph:

@@ -392,9 +392,8 @@ def _initial_clustering(
     FAISS, 20 restarts, the lowest objective kept) or AC-PIC (the centres are its clusters'
     means), which follows the manifolds that k-means cuts across. AC-PIC's ``timings`` go
     into the given dict."""
-    codes = z.cpu().numpy()
     if how == "kmeans":
-        km = faiss_kmeans(codes, k, seed=seed, epochs=100, restarts=20)
+        km = faiss_kmeans(z.cpu().numpy(), k, seed=seed, epochs=100, restarts=20)
         labels, centres = torch.from_numpy(km.labels), torch.from_numpy(km.centroids)
     else:
         labels = torch.from_numpy(acpic(z, k, timings=timings)).long()  # K-NN where z is
