@@ -445,7 +445,8 @@ class Trainer:
         self._images = 0
         self._stop = threading.Event()
         self._last_save = time.monotonic()
-        self._born = time.perf_counter()  # log lines say when they were written, from here
+        # log lines say when they were written, counted from the start of the fit
+        self._born = getattr(ctx, "started", time.perf_counter())
         self._note: dict[str, Any] = {}
         self._shown: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._finish = False
@@ -540,6 +541,12 @@ class Trainer:
         """Extra fields for this epoch's log line (cluster sizes, learning rate...)."""
         self._note.update(fields)
 
+    def log(self, record: dict[str, Any]) -> None:
+        """Write ``record`` to the training log with ``elapsed``: the seconds since the fit
+        began (in this process), so the gaps between lines show the set-up, captures and
+        one-off passes that no epoch counts."""
+        self.ctx.log({**record, "elapsed": round(time.perf_counter() - self._born, 3)})
+
     def _end_epoch(self, seconds: float, images: int) -> None:
         steps = max(self.step, 1)
         means = {k: v.item() / steps for k, v in self._sums.items()}  # the one sync per epoch
@@ -551,12 +558,9 @@ class Trainer:
             "images": images,
             "seconds": round(seconds, 3),
             "images_per_s": round(images / max(seconds, 1e-9), 1),
-            # seconds since this process's trainer started: the gaps between epochs show
-            # the set-up, captures and one-off passes that no epoch counts
-            "elapsed": round(time.perf_counter() - self._born, 3),
             **self._note,
         }
-        self.ctx.log(record)
+        self.log(record)
         if "loss" in means:
             self._bar.info(f"loss {means['loss']:.4g}")
         self._sums, self._note, self.step = {}, {}, 0

@@ -215,6 +215,8 @@ def test_aecm_acpic_start_is_logged(folder: Path, tmp_path: Path) -> None:
     assert hand_over["clustering"] == "acpic" and 0.5 < hand_over["agreement"] <= 1
     assert 0 < hand_over["clustering_seconds"] <= hand_over["seconds"]
     assert 0 < hand_over["graph_seconds"] + hand_over["merge_seconds"] <= hand_over["seconds"]
+    pretrained = [r for r in _log(run) if r.get("phase") == "pretrain"][-1]
+    assert pretrained["elapsed"] + hand_over["seconds"] <= hand_over["elapsed"]  # in between
 
 
 def test_aecm_stops_when_few_images_change_cluster(folder: Path, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from imgcluster import engine, train
 from imgcluster.errors import Interrupted, UsageError
+from imgcluster.methods.base import FitContext
 
 import toy_method
 
@@ -73,6 +75,15 @@ def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path: Path) -> Non
         for pid in a["state"]:
             for key, value in a["state"][pid].items():
                 assert torch.equal(value, b["state"][pid][key]), (kind, key)
+
+
+def test_log_lines_count_elapsed_from_the_start_of_the_fit() -> None:
+    lines: list[dict[str, object]] = []
+    began = time.perf_counter() - 50.0  # a fit whose set-up took 50 s before the trainer
+    ctx = FitContext(log=lines.append, started=began)
+    engine.Trainer(ctx, {}).log({"phase": "setup"})
+    assert lines[0]["phase"] == "setup"
+    assert 50.0 <= float(lines[0]["elapsed"]) <= time.perf_counter() - began
 
 
 def test_param_groups_leave_biases_and_norms_undecayed() -> None:

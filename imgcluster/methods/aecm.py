@@ -350,7 +350,7 @@ class AECM(Method):
             trainer.extra["codes"] = _hand_over(ae, cm, z, labels, centres)
             agree = (cm(trainer.extra["codes"])[0].argmax(1) == labels).float().mean().item()
             # how far argmax γ reproduces the initial clustering (label-free): 1 for k-means
-            trainer.ctx.log(
+            trainer.log(
                 {
                     "phase": "hand-over",
                     "clustering": cfg.pre_clustering,

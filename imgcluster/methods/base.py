@@ -8,6 +8,7 @@ validated up front, and ``fit`` turns the decoded uint8 images (N×C×H×W) into
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
 import typing
 from abc import ABC
@@ -38,6 +39,9 @@ class FitContext:
     resume: bool = False  # continue from ``checkpoint``
     checkpoint_every: int = 0  # epochs between checkpoints; 0: at most every two minutes
     compile: bool = False  # torch.compile the networks
+    # when the fit began (the context is made just before): log lines' ``elapsed`` counts
+    # from here, so the first epoch's shows the set-up before it (CUDA start-up, uploads)
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass

@@ -227,7 +227,7 @@ class Depict(Method):
         trainer.extra["initial_labels"] = torch.from_numpy(labels).to(data.index_device)
         record["sizes"] = np.bincount(labels, minlength=self.k).tolist()
         record["seconds"] = round(time.perf_counter() - start, 3)
-        trainer.ctx.log(record)
+        trainer.log(record)
 
     def _train_head(
         self, trainer: Trainer, data: DeviceImages, ae: DepictAE, head: nn.Linear, batch: int
