@@ -16,7 +16,7 @@ from . import backbones, cache, features, files
 from .autok import DEFAULT_RANGE, AutoK, choose_k
 from .decode import DEFAULT_MAX_SIZE
 from .device import resolve_device
-from .engine import PRECISIONS, Checkpointer, precision
+from .engine import PRECISIONS, Checkpointer, precision, warm_up
 from .errors import Interrupted, UsageError
 from .labels import Labels, write_labels, write_parquet
 from .methods import FitContext, Method, get_method
@@ -114,7 +114,9 @@ def train(
                 precision,
             )
         clock = _Clock()
+        warming = warm_up(job.device, job.algo.trains)  # while the images decode
         found, decoded = _load(job, use_cache, cache_dir, workers, reporter, clock)
+        warming.join()
         if resumed is not None:
             _check_same_images(recorded, decoded, resumed.path)
     except BaseException:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,6 +86,18 @@ def test_log_lines_count_elapsed_from_the_start_of_the_fit() -> None:
     engine.Trainer(ctx, {}).log({"phase": "setup"})
     assert lines[0]["phase"] == "setup"
     assert 50.0 <= float(lines[0]["elapsed"]) <= time.perf_counter() - began
+
+
+@pytest.mark.parametrize("optimizers", [True, False])
+def test_warm_up_imports_what_the_first_optimizer_needs(optimizers: bool) -> None:
+    # in a fresh interpreter: this one has long since imported everything
+    code = (
+        "import sys, torch; from imgcluster import engine; "
+        f"engine.warm_up(torch.device('cpu'), {optimizers}).join(); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(optimizers)
 
 
 def test_param_groups_leave_biases_and_norms_undecayed() -> None:

@@ -68,6 +68,7 @@ class Method(ABC):
     Config: ClassVar[type]
     pixels: ClassVar[bool] = True  # trains on decoded images (``--backbone none``)
     features: ClassVar[bool] = False  # clusters a backbone's features (``--backbone NAME``)
+    trains: ClassVar[bool] = True  # trains with torch optimizers (``engine.warm_up``)
 
     def __init__(self, k: int, config: Any = None) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:

@@ -77,6 +77,7 @@ class KMeans(Method):
     summary = "FAISS k-means on pixels (PCA first when large) or on a backbone's features"
     Config = KMeansConfig
     features = True
+    trains = False
 
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         cfg: KMeansConfig = self.config
