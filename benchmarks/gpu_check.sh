@@ -71,6 +71,15 @@ graph_tests() {
   echo "CUDA graph tests: rc $? in $(($(date +%s) - start)) s: $(tail -n 1 "$stage/logs/graph-tests.out")" >> "$summary"
 }
 
+# where each timed run's training went (phases, set-up, gaps), into the summary
+timelines() {
+  for log in "$stage"/logs/*.jsonl; do
+    [ -f "$log" ] || continue
+    { echo "timeline $(basename "$log"):"; python3 benchmarks/timeline.py "$log" | sed 's/^/  /'; } \
+      >> "$summary" 2>&1
+  done
+}
+
 case "$issue" in
   4)  # DEPICT and AE-CM: each MNIST-70k run, decode included, under 2 minutes
     materialise mnist
@@ -130,6 +139,7 @@ case "$issue" in
     ;;
   *) echo "gpu_check.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 5, 5-cifar10, 6 or 9)" >> "$summary" ;;
 esac
+timelines
 cp "$summary" "$stage/"
 tar -czf "$out/gpu-check.tar.gz" -C "$stage" .
 cat "$summary"
