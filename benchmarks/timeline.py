@@ -44,7 +44,8 @@ def timeline(rows: list[dict]) -> list[str]:
     for r in rows:
         if "epoch" not in r and r.get("phase") != "done" and "seconds" in r:
             lines.append(f"{r['phase']:10s}             {float(r['seconds']):9.1f} s (one-off)")
-    timed = [r for r in _last_process(rows) if "elapsed" in r]
+    last = _last_process(rows)
+    timed = [r for r in last if "elapsed" in r]
     if not timed:
         lines.append("no `elapsed` in this log: the time between epochs is not known")
         return lines
@@ -60,7 +61,7 @@ def timeline(rows: list[dict]) -> list[str]:
         previous = float(r["elapsed"])
     done = [r for r in rows if r.get("phase") == "done"]
     fit = done[-1].get("timings", {}).get("fit") if done else None
-    if fit is not None and len(timed) == len([r for r in rows if "elapsed" in r]):
+    if fit is not None and len(last) == len(rows):  # one process: its fit time is known
         tail = float(fit) - previous
         rest = f"{tail:.2f} s (warm-up wait, end)"
         lines.append(f"rest       of the fit's {float(fit):.1f} s: {rest}")
