@@ -228,25 +228,74 @@ def test_aecm_stops_when_few_images_change_cluster(folder: Path, tmp_path: Path)
     assert len(change) < 40 and change[-1] < 0.05 and min(change[:-1]) >= 0.05
 
 
+def _adam_epoch(opt: torch.optim.Optimizer, w: torch.nn.Parameter) -> None:
+    """One step of Adam: the stand-in for an epoch of training."""
+    w.grad = torch.ones_like(w)
+    opt.step()
+
+
+def _start(w: torch.nn.Parameter, opt: torch.optim.Optimizer) -> cm._Snapshot:
+    """The snapshot ``_joint`` takes before a phase's first epoch."""
+    return cm._Snapshot(float("inf"), [w.detach().clone()], cm._moments(opt))
+
+
 def test_aecm_undoes_an_epoch_whose_loss_blows_up() -> None:
     notes: dict = {}
     trainer = SimpleNamespace(note=notes.update)
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.Adam([w], lr=1e-3)
-    w.grad = torch.ones(3)
-    opt.step()
-    good = cm._guard(None, 1.0, 10.0, [w], opt, trainer)  # the first epoch is kept
-    kept = w.detach().clone()
-    w.grad = torch.ones(3)
-    opt.step()  # the "bad" epoch
+    start = _start(w, opt)
+    _adam_epoch(opt, w)
+    good = cm._guard(start, 1.0, 10.0, [w], opt, trainer)  # the first epoch is kept
+    kept, moment = w.detach().clone(), opt.state[w]["exp_avg"]
+    _adam_epoch(opt, w)  # the "bad" epoch
     rolled = cm._guard(good, 50.0, 10.0, [w], opt, trainer)
     assert torch.equal(w.detach(), kept) and opt.param_groups[0]["lr"] == 5e-4
     assert notes == {"rollback": 50.0, "lr": 5e-4}
     assert int(opt.state_dict()["state"][0]["step"]) == 1  # Adam's moments rolled back too
-    again = cm._guard(rolled, float("nan"), 10.0, [w], opt, trainer)  # twice: halved again
-    assert opt.param_groups[0]["lr"] == 2.5e-4 and again.loss == 1.0
-    later = cm._guard(again, 5.0, 10.0, [w], opt, trainer)  # within the factor: kept
-    assert later.loss == 5.0 and notes["lr"] == 2.5e-4
+    # in place, so that a step replayed as a CUDA graph keeps reading them
+    assert opt.state[w]["exp_avg"] is moment
+    _adam_epoch(opt, w)
+    later = cm._guard(rolled, 5.0, 10.0, [w], opt, trainer)  # within the factor: kept
+    assert later.loss == 5.0 and notes["lr"] == 5e-4 and not later.restored
+
+
+def test_aecm_goes_one_epoch_further_back_when_the_rollback_did_not_help() -> None:
+    """With one step an epoch an epoch's loss is that of the state it starts from: undoing
+    it puts back the state that blew up, so the next epoch is over the bar again and the
+    guard goes back one more epoch; at the start of the phase, to a fresh Adam."""
+    notes: dict = {}
+    trainer = SimpleNamespace(note=notes.update)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], lr=1e-3)
+    initial = w.detach().clone()
+    start = _start(w, opt)
+    _adam_epoch(opt, w)
+    first = cm._guard(start, 2.0, 10.0, [w], opt, trainer)
+    after_first = w.detach().clone()
+    _adam_epoch(opt, w)
+    rolled = cm._guard(first, 60.0, 10.0, [w], opt, trainer)  # back to the end of epoch 1
+    assert torch.equal(w.detach(), after_first) and rolled.restored
+    again = cm._guard(rolled, 60.0, 10.0, [w], opt, trainer)  # still 60: back to the start
+    assert torch.equal(w.detach(), initial) and opt.param_groups[0]["lr"] == 2.5e-4
+    assert int(opt.state[w]["step"]) == 0 and not opt.state[w]["exp_avg"].any()
+    assert again.loss == float("inf")  # nothing to compare the next epoch with
+    _adam_epoch(opt, w)
+    assert not cm._guard(again, 2.0, 10.0, [w], opt, trainer).restored
+
+
+def test_aecm_rollback_keeps_a_held_learning_rate_in_its_tensor() -> None:
+    """Under CUDA graphs the learning rate lives in a tensor the graph reads (``hold_lr``):
+    the rollback halves it there and logs a number."""
+    notes: dict = {}
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], lr=torch.tensor(1e-3))
+    held = opt.param_groups[0]["lr"]
+    _adam_epoch(opt, w)
+    first = cm._guard(_start(w, opt), 1.0, 10.0, [w], opt, SimpleNamespace(note=notes.update))
+    cm._guard(first, 50.0, 10.0, [w], opt, SimpleNamespace(note=notes.update))
+    assert opt.param_groups[0]["lr"] is held and float(held) == pytest.approx(5e-4)
+    assert isinstance(notes["lr"], float)
 
 
 def test_adc_association_losses() -> None:
@@ -386,6 +435,27 @@ def test_adc_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> N
     for term in ("aug_walker", "aug_visit", "norm", "loss"):
         assert first[0][term] == pytest.approx(first[1][term], rel=2e-2)
     assert sum(logs["true"][-1]["sizes"]) == sum(logs["false"][-1]["sizes"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_aecm_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
+    """Pretraining and joint steps under replay (3 steps an epoch: the first epoch warms up
+    eagerly, the next ones are captured); the averaging epoch stays eager. Nothing in a step
+    is random, so the captured run follows the eager one: the same first epoch, and (but for
+    the fused Adam's bias correction, on the device when captured) the same clusters."""
+    params = {**SHORT["aecm-pre"], "pre_clustering": "kmeans", "rollback": "0"}
+    runs = _with_and_without_graphs("aecm", params, folder, tmp_path)
+    logs = {graphs: [r for r in _log(run) if "epoch" in r] for graphs, run in runs.items()}
+    statuses = {(r["phase"], r["epoch"]): r.get("cuda_graph") for r in logs["true"]}
+    assert statuses[("pretrain", 1)] == "eager" and statuses[("pretrain", 5)] == "replayed"
+    assert statuses[("joint", 1)] == "eager" and statuses[("joint", 5)] == "replayed"
+    assert statuses[("average", 1)] is None  # eager: no note
+    assert not any("cuda_graph" in r for r in logs["false"])
+    first = logs["true"][0], logs["false"][0]
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-4)
+    assert sum(logs["true"][-1]["sizes"]) == 48  # the captured counts add up
+    labels = [_labels(run / "labels.csv") for run in runs.values()]
+    assert sum(labels[0][p] == labels[1][p] for p in labels[0]) >= 0.9 * len(labels[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
