@@ -386,6 +386,21 @@ def test_mmdc_targets_and_reassignment() -> None:
     assert mmdc.rotation_loss(logits, torch.tensor([0, 1])) < 0.01
 
 
+def test_mmdc_gives_a_small_folder_enough_steps() -> None:
+    """The family's 50 epochs are 50 steps for 200 images: raised to ``min_steps`` (one
+    step an epoch here), the milestones scaled alike; large folders and a given ``epochs``
+    keep theirs."""
+    method = mmdc.MMDC(5, mmdc.MMDCConfig())
+    small = method.plan(1, 28, 200)
+    assert (small.epochs, small.milestone, small.refine_epoch) == (2000, 1600, 800)
+    assert method.plan(1, 28, 1000).epochs == 286  # 7 steps an epoch: 2,002 steps
+    large = method.plan(1, 28, 70000)
+    assert (large.epochs, large.milestone, large.refine_epoch) == (50, 40, 20)
+    assert method.plan(1, 28).epochs == 50  # the folder's size not known
+    assert mmdc.MMDC(5, mmdc.MMDCConfig(epochs=60)).plan(1, 28, 200).epochs == 60
+    assert mmdc.MMDC(5, mmdc.MMDCConfig(min_steps=0)).plan(1, 28, 200).epochs == 50
+
+
 def test_mmdc_rejects_the_rotation_task_on_the_small_vgg() -> None:
     with pytest.raises(UsageError, match="rotation"):
         mmdc.MMDC(3, mmdc.MMDCConfig(network="vgg", rotation="on")).plan(1, 28)
