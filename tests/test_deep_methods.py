@@ -387,9 +387,9 @@ def test_mmdc_targets_and_reassignment() -> None:
 
 
 def test_mmdc_gives_a_small_folder_enough_steps() -> None:
-    """The family's 50 epochs are 50 steps for 200 images: raised to ``min_steps`` (one
-    step an epoch here), the milestones scaled alike; large folders and a given ``epochs``
-    keep theirs."""
+    """The grey family's 50 epochs are 50 steps for 200 images: raised to its 2,000 steps
+    (one an epoch here), the milestones scaled alike; large folders, a given ``epochs`` and
+    colour images keep theirs."""
     method = mmdc.MMDC(5, mmdc.MMDCConfig())
     small = method.plan(1, 28, 200)
     assert (small.epochs, small.milestone, small.refine_epoch) == (2000, 1600, 800)
@@ -398,7 +398,8 @@ def test_mmdc_gives_a_small_folder_enough_steps() -> None:
     assert (large.epochs, large.milestone, large.refine_epoch) == (50, 40, 20)
     assert method.plan(1, 28).epochs == 50  # the folder's size not known
     assert mmdc.MMDC(5, mmdc.MMDCConfig(epochs=60)).plan(1, 28, 200).epochs == 60
-    assert mmdc.MMDC(5, mmdc.MMDCConfig(min_steps=0)).plan(1, 28, 200).epochs == 50
+    assert mmdc.MMDC(5, mmdc.MMDCConfig(min_steps=500)).plan(1, 28, 200).epochs == 500
+    assert method.plan(3, 32, 200).epochs == 400  # colour: no floor yet
 
 
 def test_mmdc_rejects_the_rotation_task_on_the_small_vgg() -> None:
