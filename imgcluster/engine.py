@@ -313,6 +313,12 @@ class DeviceImages:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def graphable(self) -> bool:
+        """Whether a step over these images can be replayed as a CUDA graph (``GraphedStep``):
+        on the GPU, with the images in its memory, where a step's gather is a device op."""
+        return self.device.type == "cuda" and self.resident
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The images at ``idx`` (on ``index_device``), as a uint8 tensor on the training device."""
         if self.resident:

@@ -263,7 +263,7 @@ class ADC(Method):
         The step's rng key and the learning rate reach the graph through device tensors."""
         cfg: ADCConfig = self.config
         net, holder, logit, data, aug_cfg, batch = parts
-        graphs = cfg.cuda_graphs and data.device.type == "cuda" and data.resident
+        graphs = cfg.cuda_graphs and data.graphable
         params = [*net.parameters(), *holder.parameters(), *logit.parameters()]
         opt = make_optimizer(
             "adam", params, cfg.lr, trainer.device, capturable=graphs, betas=(cfg.beta1, cfg.beta2)

@@ -269,7 +269,7 @@ class AECM(Method):
         """CUDA graphs for the steps: on the GPU with the images in its memory, unless off.
         Eager, a step of the small MLP launches some hundred kernels and is bound by the
         Python launching them (2.9 ms a pretraining step, 5.2 ms a joint one on an H200)."""
-        return self.config.cuda_graphs and data.device.type == "cuda" and data.resident
+        return self.config.cuda_graphs and data.graphable
 
     def _joint(
         self,
@@ -326,9 +326,10 @@ class AECM(Method):
 
         graphs = self._graphs(data) and not average
         run = GraphedStep(step, graphs)
+        guarded = bool(cfg.rollback) and not average
         last: _Snapshot | None = None
         for epoch in trainer.phase(phase, epochs, {"adamw": opt}, steps, batch):
-            if last is None:  # the state the phase starts from (a resume restored it by now)
+            if guarded and last is None:  # the phase's start (a resume restored it by now)
                 last = _Snapshot(math.inf, [p.detach().clone() for p in params], _moments(opt))
             if graphs:
                 hold_lr(opt)  # before the capture; again after a resume restored a number
@@ -341,7 +342,7 @@ class AECM(Method):
             if graphs:
                 trainer.note(cuda_graph=run.status())
             # from the trainer's sums, which a resume mid-epoch keeps (local ones would restart)
-            if not average and cfg.rollback:
+            if guarded and last is not None:
                 mean_loss = trainer.epoch_sum("loss") / steps
                 last = _guard(last, mean_loss, cfg.rollback, params, opt, trainer)
             change = trainer.epoch_sum("moved") / data.n  # the first epoch: 1 (no labels before)

@@ -177,7 +177,7 @@ class Depict(Method):
 
     def _graphs(self, data: DeviceImages) -> bool:
         """CUDA graphs for the steps: on the GPU with the images in its memory, unless off."""
-        return self.config.cuda_graphs and data.device.type == "cuda" and data.resident
+        return self.config.cuda_graphs and data.graphable
 
     def _pretrain(self, trainer: Trainer, data: DeviceImages, ae: DepictAE, batch: int) -> None:
         """Denoising, layer-wise reconstruction of the autoencoder alone."""

@@ -134,6 +134,12 @@ class Family:
     min_steps: int = 0  # a small folder's epochs are raised to this many steps at least
 
 
+def _steps_per_epoch(images: int, batch_size: int) -> int:
+    """Full batches an epoch (``DeviceImages.epoch`` drops a short last one; a folder smaller
+    than a batch is one batch)."""
+    return max(images // min(batch_size, images), 1)
+
+
 def family(channels: int, image_size: int) -> Family:
     """MNIST command (crops 24/20/16 of 28 px, rotation ±25°, small VGG, 50 epochs, ×0.1 at 40,
     refine from 20) for grey images; CIFAR command (crop 20 of 32 px, flip, colour jitter
@@ -230,9 +236,9 @@ class MMDC(Method):
         if rotation and network == "vgg":
             raise UsageError("the rotation task needs network=resnet18 (the small VGG has no head)")
         epochs = cfg.epochs or fam.epochs
+        min_steps = cfg.min_steps or fam.min_steps
         if not cfg.epochs and images:
-            steps = max(images // min(cfg.batch_size, images), 1)  # as _train: full batches
-            epochs = max(epochs, -(-(cfg.min_steps or fam.min_steps) // steps))
+            epochs = max(epochs, -(-min_steps // _steps_per_epoch(images, cfg.batch_size)))
         scale = epochs / fam.epochs  # a shorter (or longer) run keeps the milestones' proportions
         return replace(
             fam,
@@ -242,7 +248,7 @@ class MMDC(Method):
             milestone=cfg.milestone or round(fam.milestone * scale),
             gamma=cfg.gamma or fam.gamma,
             refine_epoch=cfg.refine_epoch or round(fam.refine_epoch * scale),
-            min_steps=cfg.min_steps or fam.min_steps,
+            min_steps=min_steps,
         )
 
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
@@ -290,9 +296,9 @@ class MMDC(Method):
         two graphs with the Hungarian assignment between them, on the host as the authors'."""
         cfg: MMDCConfig = self.config
         batch = min(cfg.batch_size, data.n)
-        steps = max(data.n // batch, 1)
+        steps = _steps_per_epoch(data.n, cfg.batch_size)
         per_epoch = batch * (5 if plan.rotation else 1)  # images through the net per step
-        graphs = cfg.cuda_graphs and data.device.type == "cuda" and data.resident
+        graphs = cfg.cuda_graphs and data.graphable
         kinds = self._steps(trainer, step_net, net, data, opt, plan)
         runs: dict[tuple[str, float], GraphedStep] = {}
 
