@@ -37,8 +37,8 @@ def test_depict_noisy_pathway_differs_and_clean_is_deterministic() -> None:
 
 @pytest.mark.parametrize("size", [16, 28, 32])
 def test_depict_batched_pathways_equal_two_encoder_passes(size: int) -> None:
-    """The GPU's one-batch clean + noisy pass: same activations, same dropout masks, and the
-    same gradients up to the order of float sums."""
+    """The GPU's one-batch clean + noisy pass: the same dropout masks, and the same activations
+    and gradients up to the order of float sums."""
     ae = nets.DepictAE(1, size, k=10)
     x = torch.rand(8, 1, size, size) * 2 - 1
 
@@ -50,7 +50,10 @@ def test_depict_batched_pathways_equal_two_encoder_passes(size: int) -> None:
 
     two, grads_two = run(lambda: (ae.encode(x, noisy=False), ae.encode(x, noisy=True)))
     one, grads_one = run(lambda: ae._encode_batched(x))
-    assert all(torch.equal(a, b) for a, b in zip(two, one, strict=True))
+    # the same masks; the values up to the order of float sums (a convolution over 16 images
+    # may take another CPU kernel than over 8: bit-equal on an AMD EPYC, not on an Intel Xeon)
+    for a, b in zip(two, one, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(one[2], one[5])  # the noisy half did get its dropout
     for a, b in zip(grads_two, grads_one, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
