@@ -16,7 +16,7 @@ from . import backbones, cache, features, files
 from .autok import DEFAULT_RANGE, AutoK, choose_k
 from .decode import DEFAULT_MAX_SIZE
 from .device import resolve_device
-from .engine import PRECISIONS, Checkpointer, precision, warm_up
+from .engine import PRECISIONS, Checkpointer, flush_denormals, precision, warm_up
 from .errors import Interrupted, UsageError
 from .labels import Labels, write_labels, write_parquet
 from .methods import FitContext, Method, get_method
@@ -314,14 +314,15 @@ def _fit_and_write(
         )
         torch.manual_seed(job.seed)
         np.random.seed(job.seed % 2**32)
-        if job.backbone == "none":
-            with precision(job.precision):
-                model = job.algo.fit(decoded.images, ctx)
-            clock.lap("fit")
-            with reporter.task("labelling", total=n) as bar:
-                z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
-        else:
-            model, z = _fit_features(job, decoded, ctx, feature_cache, clock)
+        with flush_denormals():
+            if job.backbone == "none":
+                with precision(job.precision):
+                    model = job.algo.fit(decoded.images, ctx)
+                clock.lap("fit")
+                with reporter.task("labelling", total=n) as bar:
+                    z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
+            else:
+                model, z = _fit_features(job, decoded, ctx, feature_cache, clock)
         assignment = nearest(z, model.centroids, model.metric, device=job.device)
         clock.lap("label")
         model.save(run.path, {"seed": job.seed, "root": str(decoded.root)})
