@@ -289,3 +289,14 @@ def test_graphed_step_replays_the_same_arithmetic_as_the_step() -> None:
     assert np.allclose(eager, replayed, rtol=1e-5, atol=1e-6)
     for a, b in zip(eager_net.parameters(), replayed_net.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flush_denormals_zeroes_subnormals_inside_only() -> None:
+    tiny = torch.tensor([1e-39, 1.0])  # 1e-39 is subnormal in float32
+    with engine.flush_denormals():
+        inside = tiny * 1.0
+    outside = tiny * 1.0
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    assert inside[0] == 0 and inside[1] == 1
+    assert outside[0] > 0
