@@ -68,7 +68,8 @@ def flush_denormals() -> Iterator[None]:
     """Inside this block the CPU treats subnormal floats (below 1.2e-38) as zero. Adam's
     moments for weights whose gradients have died out decay into that range, where x86
     arithmetic is many times slower: ADC on CIFAR-10 went from 50 s to 250 s a round on a
-    2-core Xeon once 6% of its Adam state was subnormal. Values that small change nothing."""
+    2-core Xeon once 6% of its checkpoint's floats were subnormal. Values that small change
+    nothing."""
     torch.set_flush_denormal(True)
     try:
         yield
