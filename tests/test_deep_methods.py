@@ -318,7 +318,7 @@ def test_adc_association_losses() -> None:
 
 
 def test_adc_learning_rate_ramps_and_decays() -> None:
-    cfg = adc.ADCConfig()
+    cfg = adc.ADCConfig().resolve(channels=1)
     lr = [adc.learning_rate(s, cfg) for s in (0, cfg.warmup_steps // 2, cfg.warmup_steps)]
     assert lr[0] < 0.01 * cfg.lr and abs(lr[1] - cfg.lr / 2) < 2e-6 and lr[2] > 0.99 * cfg.lr
     decayed = adc.learning_rate(cfg.decay_steps + 1, cfg)
@@ -332,12 +332,27 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="visit_weight"):
         adc.ADC(3, adc.ADCConfig(visit_weight=-1.0))
+    with pytest.raises(UsageError, match="steps"):
+        adc.ADC(3, adc.ADCConfig(steps=0))
+    # a warm-up longer than the recipe's run is found when the family is known
+    with pytest.raises(UsageError, match="reg_warmup_steps"):
+        adc.ADCConfig(reg_warmup_steps=20000).resolve(channels=1)
 
 
-def test_adc_visit_weight_follows_the_image_family_unless_set() -> None:
-    assert adc.ADCConfig().visit(channels=1) == 1.0  # the authors' MNIST command
-    assert adc.ADCConfig().visit(channels=3) == 0.5  # their CIFAR-10 command
-    assert adc.ADCConfig(visit_weight=0.3).visit(channels=1) == 0.3
+def test_adc_recipe_follows_the_image_family_unless_set() -> None:
+    grey, colour = adc.ADCConfig().resolve(channels=1), adc.ADCConfig().resolve(channels=3)
+    # the authors' MNIST command (99 %) and CIFAR-10 command (33 %)
+    assert grey.recipe == "mnist" and (grey.steps, grey.reg_warmup_steps) == (12000, 1000)
+    assert (grey.decay_steps, grey.visit_weight, grey.norm_target) == (5000, 1.0, 1.0)
+    assert colour.recipe == "cifar" and (colour.steps, colour.reg_warmup_steps) == (35000, 3000)
+    assert (colour.decay_steps, colour.visit_weight, colour.norm_target) == (10000, 0.5, 3.0)
+    # a recipe by name, and a value given by the user, win over the family
+    assert adc.ADCConfig(recipe="mnist").resolve(channels=3).steps == 12000
+    assert adc.ADCConfig(steps=5000).resolve(channels=3).steps == 5000
+    assert adc.ADCConfig(visit_weight=0.3).resolve(channels=1).visit_weight == 0.3
+    # parameters arrive as strings from the command line; "none" leaves them to the recipe
+    cfg = adc.ADC.make_config({"steps": "none", "warmup_steps": "10", "recipe": "cifar"})
+    assert cfg.resolve(channels=1).steps == 35000 and cfg.warmup_steps == 10
 
 
 def test_aecm_reconstruction_weight_follows_init_unless_set() -> None:
