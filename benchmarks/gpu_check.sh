@@ -114,7 +114,8 @@ case "$issue" in
     check mmdc-mnist 100 --dataset mnist --method mmdc --seeds 1
     check aecm-mnist 120 --dataset mnist --method aecm --seeds 1
     ;;
-  5-cifar10)  # ADC: CIFAR-10 ACC >= 0.29 (train split, scored on the test split)
+  5-cifar10)  # ADC: CIFAR-10 ACC >= 0.29 (train split, scored on the test split), the
+    # authors' CIFAR-10 command (35,000 steps of 400 images; about 4.5 h on 2 CPU cores in bf16)
     materialise cifar10
     check adc-cifar10 "$(left)" --dataset cifar10 --method adc --seeds 1
     ;;
@@ -134,7 +135,7 @@ case "$issue" in
   5)  # ADC: MNIST under 2 minutes (3 seeds for ACC >= 0.98), CIFAR-10 ACC >= 0.29
     materialise mnist cifar10
     check adc-mnist 300 --dataset mnist --method adc --seeds 3
-    check adc-cifar10 160 --dataset cifar10 --method adc --seeds 1
+    check adc-cifar10 "$(left)" --dataset cifar10 --method adc --seeds 1
     ;;
   6)  # MMDC: MNIST-70k under 2 minutes; CIFAR-10's rate with the short compiled schedule
     materialise mnist cifar10
