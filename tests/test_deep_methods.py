@@ -96,6 +96,9 @@ def test_adc_trains_in_bf16_on_the_cpu_when_asked(
         [folder], 3, method="adc", params=SHORT["adc"], out=tmp_path / "run", precision="bf16"
     ).run_dir
     assert seen and all(seen)  # every training step ran under bf16 autocast
+    recorded = json.loads((run / "model.json").read_text())["config"]
+    # the values the run used: the grey recipe's, and the steps given
+    assert (recorded["recipe"], recorded["visit_weight"], recorded["steps"]) == ("mnist", 1.0, 40)
     losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
     assert len(losses) >= 2 and losses[-1] < losses[0]
     out = tmp_path / "assigned.csv"
