@@ -337,9 +337,12 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(visit_weight=-1.0))
     with pytest.raises(UsageError, match="steps"):
         adc.ADC(3, adc.ADCConfig(steps=0))
-    # a warm-up longer than the recipe's run is found when the family is known
+    with pytest.raises(UsageError, match="reg_warmup_steps"):  # longer than the recipe's run
+        adc.ADC(3, adc.ADCConfig(recipe="mnist", reg_warmup_steps=20000))
+    # with the recipe left to the family, that is found when the family is known
     with pytest.raises(UsageError, match="reg_warmup_steps"):
         adc.ADCConfig(reg_warmup_steps=20000).resolve(channels=1)
+    assert adc.ADCConfig(reg_warmup_steps=20000).resolve(channels=3).steps == 35000
 
 
 def test_adc_recipe_follows_the_image_family_unless_set() -> None:

@@ -234,14 +234,14 @@ class ADCConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageError(f"parameter {name} must be >= 0")
-        if self.steps is not None and self.reg_warmup_steps is not None:
-            self.resolve(1)  # both given: check they fit together now, not at fit time
+        if self.recipe != "auto" or None not in (self.steps, self.reg_warmup_steps):
+            self.resolve(1)  # the family cannot change these: check before the images decode
         if self.network not in ("auto", "convnet", "resnet20"):
             raise UsageError(
                 f"parameter network must be auto, convnet or resnet20, got {self.network!r}"
             )
         if self.lr <= 0 or self.emb_size < 0:
-            raise UsageError("parameters lr must be > 0 and emb_size >= 0")
+            raise UsageError("parameter lr must be > 0 and emb_size >= 0")
 
 
 @register
