@@ -99,6 +99,7 @@ def test_adc_trains_in_bf16_on_the_cpu_when_asked(
     recorded = json.loads((run / "model.json").read_text())["config"]
     # the values the run used: the grey recipe's, and the steps given
     assert (recorded["recipe"], recorded["visit_weight"], recorded["steps"]) == ("mnist", 1.0, 40)
+    assert (recorded["network"], recorded["emb_size"]) == ("convnet", 128)
     losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
     assert len(losses) >= 2 and losses[-1] < losses[0]
     out = tmp_path / "assigned.csv"
@@ -352,6 +353,14 @@ def test_adc_recipe_follows_the_image_family_unless_set() -> None:
     assert (grey.decay_steps, grey.visit_weight, grey.norm_target) == (5000, 1.0, 1.0)
     assert colour.recipe == "cifar" and (colour.steps, colour.reg_warmup_steps) == (35000, 3000)
     assert (colour.decay_steps, colour.visit_weight, colour.norm_target) == (10000, 0.5, 3.0)
+    # the network and embedding size follow the family too (the authors' commands)
+    assert (grey.network, grey.emb_size, colour.network, colour.emb_size) == (
+        "convnet",
+        128,
+        "resnet20",
+        64,
+    )
+    assert adc.ADCConfig(network="convnet").resolve(channels=3).emb_size == 128
     # a recipe by name, and a value given by the user, win over the family
     assert adc.ADCConfig(recipe="mnist").resolve(channels=3).steps == 12000
     assert adc.ADCConfig(steps=5000).resolve(channels=3).steps == 5000

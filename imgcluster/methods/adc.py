@@ -212,11 +212,15 @@ class ADCConfig:
     cuda_graphs: bool = True  # on the GPU, replay each step as one CUDA graph (same arithmetic)
 
     def resolve(self, channels: int) -> ADCConfig:
-        """This config with every ``None`` taken from the recipe (``auto``: by ``channels``)."""
-        name = self.recipe if self.recipe != "auto" else ("mnist" if channels == 1 else "cifar")
+        """This config with every ``auto``, ``None`` and 0 filled in for ``channels``: the
+        network and embedding size by family, the schedule from the recipe."""
+        grey = channels == 1
+        name = self.recipe if self.recipe != "auto" else ("mnist" if grey else "cifar")
+        network = self.network if self.network != "auto" else ("convnet" if grey else "resnet20")
+        emb = self.emb_size or (128 if network == "convnet" else 64)
         recipe = asdict(RECIPES[name])
         filled = {k: v for k, v in recipe.items() if getattr(self, k) is None}
-        cfg = replace(self, recipe=name, **filled)
+        cfg = replace(self, recipe=name, network=network, emb_size=emb, **filled)
         if not 0 <= cfg.reg_warmup_steps < cfg.steps:
             raise UsageError(
                 f"parameter reg_warmup_steps must be in [0, steps), got {cfg.reg_warmup_steps} "
@@ -225,8 +229,15 @@ class ADCConfig:
         return cfg
 
     def validate(self) -> None:
-        positive = ("centroids_per_cluster", "batch_size", "augmented", "round_steps")
-        for name in (*positive, "steps", "decay_steps"):
+        positive = (
+            "centroids_per_cluster",
+            "batch_size",
+            "augmented",
+            "round_steps",
+            "steps",
+            "decay_steps",
+        )
+        for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"parameter {name} must be >= 1")
@@ -254,8 +265,7 @@ class ADC(Method):
         n, c, h, _ = images.shape
         cfg = self._cfg = self.config.resolve(c)
         self.check_count(n)
-        network = cfg.network if cfg.network != "auto" else ("convnet" if c == 1 else "resnet20")
-        emb = cfg.emb_size or (128 if network == "convnet" else 64)
+        network, emb = cfg.network, cfg.emb_size
         data = DeviceImages(images, ctx.device)
         net = prepare(build_net(network, c, h, emb), ctx.device)
         m = cfg.centroids_per_cluster
