@@ -10,7 +10,8 @@ CPU and on the GPU, and no step waits for the host.
 
 Images are float tensors in [0, 1], N×C×H×W (C = 1 or 3); ``to_float`` turns the
 uint8 cache rows into that. Colour jitter follows torchvision's definitions, in
-the fixed order brightness, contrast, saturation, hue.
+the fixed order brightness, contrast, saturation, hue; or, with ``TFJitter``,
+TensorFlow 1's, as code written for it (ADC's) applied them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,32 @@ _GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 # columns of the per-image uniform draw
 _SIDE, _RATIO, _CX, _CY, _ANGLE, _QUARTER, _FLIP = range(7)
 _BRIGHT, _CONTRAST, _SAT, _HUE, _GREYP, _PARAMS = range(7, 13)
+
+
+@dataclass(frozen=True)
+class TFJitter:
+    """Colour jitter as TensorFlow 1 computes it on images scaled to [-1, 1], the way the ADC
+    authors' code applies it: ``random_saturation``, ``random_brightness``, ``random_contrast``,
+    ``random_hue`` in that order, clipped once at the end.
+
+    It differs from torchvision's: brightness is *added* (uniform in [-b, b] on the [-1, 1]
+    scale), contrast pivots on each channel's own mean, and TF's HSV conversion gives a pixel
+    with no channel above 0 (mid-grey) saturation 0, so the saturation and hue steps turn such
+    pixels grey (at their brightest channel), and the saturation step, which clips saturation
+    to 1, lifts the negative channels of brighter pixels to 0 or above."""
+
+    brightness: float = 0.0  # TF's max_delta, on the [-1, 1] scale
+    saturation: tuple[float, float] = (1.0, 1.0)  # factor range
+    contrast: tuple[float, float] = (1.0, 1.0)  # factor range
+    hue: float = 0.0  # TF's max_delta: shift of the hue circle uniform in [-h, h]
+
+    def __post_init__(self) -> None:
+        for name in ("saturation", "contrast"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be a range 0 <= lo <= hi, got {(lo, hi)}")
+        if self.brightness < 0 or not 0 <= self.hue <= 0.5:
+            raise ValueError("brightness must be >= 0 and hue in [0, 0.5]")
 
 
 @dataclass(frozen=True)
@@ -52,7 +79,8 @@ class AugmentConfig:
     hue: float = 0.0  # shift uniform in [-h, h] of the hue circle (h <= 0.5)
     grey_p: float = 0.0  # probability of turning an image grey
     noise: float = 0.0  # standard deviation of added Gaussian noise
-    padding: str = "zeros"  # what rotations reveal at the corners: zeros, border, reflection
+    padding: str = "zeros"  # what rotations reveal at the corners: zeros, grey, border, reflection
+    tf_jitter: TFJitter | None = None  # in place of brightness, contrast, saturation and hue
 
     def __post_init__(self) -> None:
         if self.crop not in ("none", "resized", "square"):
@@ -63,8 +91,13 @@ class AugmentConfig:
             raise ValueError(f"crop_sides must be fractions in (0, 1], got {self.crop_sides}")
         if not 0 <= self.hue <= 0.5 or not 0 <= self.grey_p <= 1:
             raise ValueError("hue must be in [0, 0.5] and grey_p in [0, 1]")
-        if self.padding not in ("zeros", "border", "reflection"):
-            raise ValueError(f"padding must be zeros, border or reflection, got {self.padding!r}")
+        if self.padding not in ("zeros", "grey", "border", "reflection"):
+            raise ValueError(
+                f"padding must be zeros, grey, border or reflection, got {self.padding!r}"
+            )
+        torchvision_jitter = (self.brightness, self.contrast, self.saturation, self.hue)
+        if self.tf_jitter is not None and any(torchvision_jitter):
+            raise ValueError("give tf_jitter or brightness/contrast/saturation/hue, not both")
 
     @property
     def geometric(self) -> bool:
@@ -82,13 +115,19 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, k: rng.Key) -> torch.Tensor:
     # every per-image parameter comes from one draw: a few kernels, not dozens, per batch
     u = rng.uniform((len(x), _PARAMS), k, x.device)
     if cfg.geometric:
-        x = F.grid_sample(
-            x, _grid(x, cfg, u), mode="bilinear", padding_mode=cfg.padding, align_corners=False
-        )
-    x = _colour(x, cfg, u)
+        x = _resample(x, _grid(x, cfg, u), cfg.padding)
+    x = _colour(x, cfg, u) if cfg.tf_jitter is None else _tf_colour(x, cfg.tf_jitter, u)
     if cfg.noise > 0:
-        x = (x + cfg.noise * rng.normal(tuple(x.shape), rng.key(k, 20), x.device)).clamp_(0, 1)
+        x = x + cfg.noise * rng.normal(tuple(x.shape), rng.key(k, 20), x.device)
+    if cfg.noise > 0 or cfg.tf_jitter is not None:  # TF's jitter leaves the clipping to here
+        x = x.clamp(0, 1)
     return x
+
+
+def _resample(x: torch.Tensor, grid: torch.Tensor, padding: str) -> torch.Tensor:
+    if padding == "grey":  # zeros around the mid-grey value: what cv2 fills a [-1, 1] image with
+        return _resample(x - 0.5, grid, "zeros") + 0.5
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def centre_crop(x: torch.Tensor, side: float) -> torch.Tensor:
@@ -202,6 +241,31 @@ def _colour(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tenso
     return x
 
 
+def _tf_colour(x: torch.Tensor, j: TFJitter, u: torch.Tensor) -> torch.Tensor:
+    """TF 1's saturation, brightness, contrast and hue steps on the [-1, 1] scale, unclipped."""
+    y = x * 2.0 - 1.0
+    rgb = y.shape[1] == 3
+    if rgb and j.saturation != (1.0, 1.0):
+        h, s, v = _rgb_to_hsv(y)  # as TF's: saturation 0 where no channel is above 0
+        factor = _between(u[:, _SAT], j.saturation).view(-1, 1, 1)
+        y = _hsv_to_rgb(h, (s * factor).clamp(0, 1), v, clip=False)
+    if j.brightness > 0:
+        y = y + (j.brightness * (2 * u[:, _BRIGHT] - 1)).view(-1, 1, 1, 1)
+    if j.contrast != (1.0, 1.0):
+        mean = y.mean(dim=(2, 3), keepdim=True)  # each channel its own mean
+        y = (y - mean) * _between(u[:, _CONTRAST], j.contrast).view(-1, 1, 1, 1) + mean
+    if rgb and j.hue > 0:
+        h, s, v = _rgb_to_hsv(y)
+        shift = (j.hue * (2 * u[:, _HUE] - 1)).view(-1, 1, 1)
+        y = _hsv_to_rgb(torch.remainder(h + shift, 1.0), s, v, clip=False)
+    return (y + 1.0) / 2.0
+
+
+def _between(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    lo, hi = bounds
+    return lo + (hi - lo) * u
+
+
 def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
@@ -215,7 +279,9 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return h, s, maxc
 
 
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _hsv_to_rgb(
+    h: torch.Tensor, s: torch.Tensor, v: torch.Tensor, clip: bool = True
+) -> torch.Tensor:
     h6 = h * 6.0
     i = torch.floor(h6)
     f = h6 - i
@@ -231,4 +297,5 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
         1,
     )  # N×3×6×H×W
     index = i[:, None, None].expand(-1, 3, 1, -1, -1)
-    return table.gather(2, index).squeeze(2).clamp_(0, 1)
+    rgb = table.gather(2, index).squeeze(2)
+    return rgb.clamp_(0, 1) if clip else rgb

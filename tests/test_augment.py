@@ -153,3 +153,53 @@ def test_bad_configs_are_rejected() -> None:
         aug.AugmentConfig(crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError):
         aug.AugmentConfig(hue=0.7)
+
+
+def _tf(x: torch.Tensor, **jitter: object) -> torch.Tensor:
+    return aug.augment(x, aug.AugmentConfig(tf_jitter=aug.TFJitter(**jitter)), rng.key(8))
+
+
+def test_tf_brightness_is_added_and_clipped_once() -> None:
+    mid = _tf(torch.full((64, 1, 4, 4), 0.5), brightness=0.5)
+    shift = mid[:, 0, 0, 0] - 0.5  # max_delta 0.5 on [-1, 1] is 0.25 on [0, 1]
+    assert (mid == mid[:, :, :1, :1]).all() and shift.abs().max() <= 0.25 + 1e-6
+    assert shift.std() > 0.1
+    dark = _tf(torch.full((64, 1, 4, 4), 0.1), brightness=0.5)
+    assert (dark == 0).any() and dark.max() > 0.3  # a factor in [0.5, 1.5] keeps 0.05..0.15
+
+
+def test_tf_contrast_pivots_on_each_channels_mean() -> None:
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.2 + 0.4
+    x[:, 0] = 0.8  # a flat red channel stays where it is; a grey pivot would move it
+    y = _tf(x, contrast=(0.4, 1.8))
+    assert torch.allclose(y[:, 0], x[:, 0], atol=1e-6)
+    factors = y[:, 1].flatten(1).std(1) / x[:, 1].flatten(1).std(1)
+    assert 0.4 - 1e-4 <= factors.min() < 0.6 and 1.6 < factors.max() <= 1.8 + 1e-4
+
+
+def test_tf_saturation_and_hue_use_tfs_hsv_on_the_minus_one_to_one_scale() -> None:
+    x = torch.tensor([[0.2, 0.3, 0.1], [0.9, 0.5, 0.3]]).T.reshape(1, 3, 1, 2).repeat(16, 1, 1, 1)
+    y = _tf(x, saturation=(0.7, 1.3))
+    # no channel above mid-grey: saturation 0, so grey at the brightest channel, any factor;
+    # (0.8, 0, -0.4) on [-1, 1] has saturation 1.5, clipped to 1: min channel to 0 (0.5 here)
+    expected = torch.tensor([[0.3, 0.3, 0.3], [0.9, 0.5 + 0.8 / 3 / 2, 0.5]]).T.reshape(3, 1, 2)
+    assert torch.allclose(y, expected.expand_as(y), atol=1e-5)
+    h = _tf(x, hue=0.2)
+    assert torch.allclose(h[:, :, 0, 0], torch.full((16, 3), 0.3), atol=1e-5)
+    bright = h[:, :, 0, 1]  # a hue turn keeps the brightest and darkest channel values
+    assert torch.allclose(bright.amax(1), torch.full((16,), 0.9), atol=1e-5)
+    assert torch.allclose(bright.amin(1), torch.full((16,), 0.3), atol=1e-5)
+    assert bright.std(0).max() > 0.05
+
+
+def test_grey_padding_fills_rotated_corners_with_mid_grey() -> None:
+    x = torch.zeros(4, 1, 16, 16)
+    for padding, corner in (("grey", 0.5), ("zeros", 0.0)):
+        cfg = aug.AugmentConfig(rotate=45, rotate90=False, padding=padding)
+        y = aug.augment(x, cfg, rng.key(9))
+        assert y[:, :, 0, 0].max() <= corner + 1e-6 and y[:, :, 0, 0].max() >= corner - 0.2
+        assert y[:, :, 8, 8].abs().max() < 1e-6  # the middle stays the image's
+    with pytest.raises(ValueError):
+        aug.AugmentConfig(brightness=0.5, tf_jitter=aug.TFJitter(brightness=0.5))
+    with pytest.raises(ValueError):
+        aug.TFJitter(contrast=(1.5, 1.0))

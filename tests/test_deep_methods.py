@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,7 +100,11 @@ def test_adc_trains_in_bf16_on_the_cpu_when_asked(
     recorded = json.loads((run / "model.json").read_text())["config"]
     # the values the run used: the grey recipe's, and the steps given
     assert (recorded["recipe"], recorded["visit_weight"], recorded["steps"]) == ("mnist", 1.0, 40)
-    assert (recorded["network"], recorded["emb_size"]) == ("convnet", 128)
+    assert (recorded["network"], recorded["emb_size"], recorded["augment"]) == (
+        "convnet",
+        128,
+        "torchvision",
+    )
     losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
     assert len(losses) >= 2 and losses[-1] < losses[0]
     out = tmp_path / "assigned.csv"
@@ -334,6 +339,8 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(steps=100, reg_warmup_steps=100))
     with pytest.raises(UsageError, match="network"):
         adc.ADC(3, adc.ADCConfig(network="vgg"))  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="augment"):
+        adc.ADC(3, adc.ADCConfig(augment="kornia"))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="visit_weight"):
         adc.ADC(3, adc.ADCConfig(visit_weight=-1.0))
     with pytest.raises(UsageError, match="steps"):
@@ -344,6 +351,19 @@ def test_adc_rejects_bad_settings() -> None:
     with pytest.raises(UsageError, match="reg_warmup_steps"):
         adc.ADCConfig(reg_warmup_steps=20000).resolve(channels=1)
     assert adc.ADCConfig(reg_warmup_steps=20000).resolve(channels=3).steps == 35000
+
+
+def test_adc_on_colour_images_trains_with_the_tf_augmentation(tmp_path: Path) -> None:
+    colour = make_toy_folder(tmp_path / "colour", per_class=8, colour=True)
+    run = train([colour], 3, method="adc", params=SHORT["adc"], out=tmp_path / "run").run_dir
+    recorded = json.loads((run / "model.json").read_text())["config"]
+    assert (recorded["recipe"], recorded["network"], recorded["augment"]) == (
+        "cifar",
+        "resnet20",
+        "tf",
+    )
+    losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
+    assert len(losses) >= 2 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
 
 
 def test_adc_recipe_follows_the_image_family_unless_set() -> None:
@@ -361,6 +381,13 @@ def test_adc_recipe_follows_the_image_family_unless_set() -> None:
         64,
     )
     assert adc.ADCConfig(network="convnet").resolve(channels=3).emb_size == 128
+    # colour augmentation reads the authors' numbers as their TensorFlow code did
+    assert (grey.augment, colour.augment) == ("torchvision", "tf")
+    assert adc.ADCConfig(augment="torchvision").resolve(channels=3).augment == "torchvision"
+    tf_colour = adc.augmentation(3, "tf")
+    assert tf_colour.tf_jitter is not None and tf_colour.tf_jitter.contrast == (0.4, 1.8)
+    assert tf_colour.padding == "grey" and tf_colour.flip and tf_colour.brightness == 0
+    assert adc.augmentation(1, "torchvision").brightness == 0.5
     # a recipe by name, and a value given by the user, win over the family
     assert adc.ADCConfig(recipe="mnist").resolve(channels=3).steps == 12000
     assert adc.ADCConfig(steps=5000).resolve(channels=3).steps == 5000

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import rng
-from ..augment import AugmentConfig, augment, to_float
+from ..augment import AugmentConfig, TFJitter, augment, to_float
 from ..engine import (
     DeviceImages,
     GraphedStep,
@@ -130,20 +130,30 @@ class ADCEmbedder(nn.Module):
         return torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
 
 
-def augmentation(channels: int) -> AugmentConfig:
+def augmentation(channels: int, style: str) -> AugmentConfig:
     """The paper's augmentation for the data set family: digits (grey) or natural images.
 
-    The code's random crop of up to 20 % resized back, rotation, brightness (grey: the
-    MNIST set; colour: the CIFAR set with saturation 0.7-1.3, contrast about 0.4-1.6, hue
-    0.2 and flips) and Gaussian noise σ = 0.05 on the [-1, 1] scale (0.025 on [0, 1])."""
-    if channels == 1:
+    The code's random crop of up to 20 % resized back, rotation, brightness 0.5 (grey: the
+    MNIST set; colour: the CIFAR set with saturation 0.7-1.3, contrast 0.4-1.8, hue 0.2 and
+    flips) and Gaussian noise σ = 0.05 on the [-1, 1] scale (0.025 on [0, 1]).
+
+    ``style`` "tf" reads these numbers as the authors' TensorFlow code did (``TFJitter``:
+    brightness added, per-channel contrast, TF's HSV on [-1, 1] images; rotated corners
+    mid-grey, cv2's fill); "torchvision" as torchvision does (factors, black corners; contrast
+    symmetric, 0.4-1.6)."""
+    grey = channels == 1
+    geometry = {"crop": "square", "crop_scale": (0.8, 1.0), "rotate": 15 if grey else 10}
+    if style == "tf":
+        jitter = TFJitter(brightness=0.5)
+        if not grey:
+            jitter = TFJitter(brightness=0.5, saturation=(0.7, 1.3), contrast=(0.4, 1.8), hue=0.2)
         return AugmentConfig(
-            crop="square", crop_scale=(0.8, 1.0), rotate=15, brightness=0.5, noise=0.025
+            **geometry, flip=not grey, padding="grey", tf_jitter=jitter, noise=0.025
         )
+    if grey:
+        return AugmentConfig(**geometry, brightness=0.5, noise=0.025)
     return AugmentConfig(
-        crop="square",
-        crop_scale=(0.8, 1.0),
-        rotate=10,
+        **geometry,
         flip=True,
         brightness=0.5,
         saturation=0.3,
@@ -187,6 +197,9 @@ class ADCConfig:
 
     network: Literal["auto", "convnet", "resnet20"] = "auto"  # auto: convnet grey, resnet colour
     recipe: Literal["auto", "mnist", "cifar"] = "auto"
+    # how the augmentation's numbers are read (see ``augmentation``); auto: tf for colour, as
+    # the authors' code; torchvision for grey, with which our digit results were measured
+    augment: Literal["auto", "tf", "torchvision"] = "auto"
     emb_size: int = 0  # 0 = 128 for the convnet, 64 for the ResNet (the authors' commands)
     centroids_per_cluster: int = 4  # m
     steps: int | None = None
@@ -220,7 +233,8 @@ class ADCConfig:
         emb = self.emb_size or (128 if network == "convnet" else 64)
         recipe = asdict(RECIPES[name])
         filled = {k: v for k, v in recipe.items() if getattr(self, k) is None}
-        cfg = replace(self, recipe=name, network=network, emb_size=emb, **filled)
+        style = self.augment if self.augment != "auto" else ("torchvision" if grey else "tf")
+        cfg = replace(self, recipe=name, network=network, emb_size=emb, augment=style, **filled)
         if not 0 <= cfg.reg_warmup_steps < cfg.steps:
             raise UsageError(
                 f"parameter reg_warmup_steps must be in [0, steps), got {cfg.reg_warmup_steps} "
@@ -251,6 +265,10 @@ class ADCConfig:
             raise UsageError(
                 f"parameter network must be auto, convnet or resnet20, got {self.network!r}"
             )
+        if self.augment not in ("auto", "tf", "torchvision"):
+            raise UsageError(
+                f"parameter augment must be auto, tf or torchvision, got {self.augment!r}"
+            )
         if self.lr <= 0 or self.emb_size < 0:
             raise UsageError("parameter lr must be > 0 and emb_size >= 0")
 
@@ -280,7 +298,7 @@ class ADC(Method):
         step_net = compile_module(net, ctx.compile)
         warm_rounds = -(-cfg.reg_warmup_steps // cfg.round_steps)
         rounds = -(-(cfg.steps - cfg.reg_warmup_steps) // cfg.round_steps)
-        aug_cfg = augmentation(c)
+        aug_cfg = augmentation(c, cfg.augment)
         batch = min(cfg.batch_size, n)
         parts = (step_net, holder, logit, data, aug_cfg, batch)
         self._phase(trainer, "warmup", warm_rounds, 0, parts, cluster=False)
