@@ -214,12 +214,16 @@ class ADCConvNet(Net):
         return F.elu(self.fc(self.features(x)))
 
 
+# TF official ResNet's batch norm: running averages decay 0.997 (PyTorch counts 1 − decay)
+_TF_BN_MOMENTUM = 0.003
+
+
 class _PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
+        self.bn1 = nn.BatchNorm2d(cin, momentum=_TF_BN_MOMENTUM)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=_TF_BN_MOMENTUM)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.project = (
             nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
@@ -236,7 +240,9 @@ class _PreActBlock(nn.Module):
 class PreActResNet20(Net):
     """ADC's CIFAR network (TF official ResNet v2 for CIFAR, 20 layers): conv3×3 16, three
     stages of ``blocks`` pre-activation blocks (16, 32, 64 channels), BN + ReLU, global average
-    pool, dropout, fully connected to ``emb_size``."""
+    pool, dropout, fully connected to ``emb_size``. As that code: batch-norm averages decay
+    0.997, convolutions start from TF's ``variance_scaling_initializer`` (truncated normal,
+    std 1/√fan_in), the dense layer from Glorot-uniform."""
 
     def __init__(
         self, in_channels: int, emb_size: int = 64, blocks: int = 3, dropout: float = 0.0
@@ -250,10 +256,14 @@ class PreActResNet20(Net):
                 layers.append(_PreActBlock(cin, width, 2 if i > 0 and j == 0 else 1))
                 cin = width
         self.blocks = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(64)
+        self.bn = nn.BatchNorm2d(64, momentum=_TF_BN_MOMENTUM)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(64, emb_size)
         _init_glorot(self)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                std = (m.in_channels * m.kernel_size[0] * m.kernel_size[1]) ** -0.5
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn(self.blocks(self.stem(x))))

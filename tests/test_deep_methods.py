@@ -381,6 +381,9 @@ def test_adc_recipe_follows_the_image_family_unless_set() -> None:
         64,
     )
     assert adc.ADCConfig(network="convnet").resolve(channels=3).emb_size == 128
+    # weight decay follows the network: slim's 1e-3 on the conv net, none on TF's ResNet
+    assert (grey.weight_decay, colour.weight_decay) == (1e-3, 0.0)
+    assert adc.ADCConfig(weight_decay=1e-4).resolve(channels=3).weight_decay == 1e-4
     # colour augmentation reads the authors' numbers as their TensorFlow code did
     assert (grey.augment, colour.augment) == ("torchvision", "tf")
     assert adc.ADCConfig(augment="torchvision").resolve(channels=3).augment == "torchvision"

@@ -108,3 +108,14 @@ def test_depict_pathways_on_a_gpu_are_one_batch_with_the_same_masks() -> None:
     # would move activations by tenths, not thousandths
     for a, b in zip(two, one, strict=True):
         assert torch.allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_adc_resnet_starts_and_averages_as_tf_official_resnet() -> None:
+    torch.manual_seed(0)
+    net = nets.PreActResNet20(3, emb_size=64)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 19 and all(m.momentum == 0.003 for m in norms)  # TF decay 0.997
+    conv = net.blocks[-1].conv2  # 64 × 64 × 3 × 3: fan_in 576
+    std = 576**-0.5
+    assert abs(conv.weight.std().item() - 0.88 * std) < 0.1 * std  # truncated at 2σ
+    assert conv.weight.abs().max() <= 2 * std + 1e-6

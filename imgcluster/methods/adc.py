@@ -220,7 +220,9 @@ class ADCConfig:
     logit_weight: float = 0.5
     norm_weight: float = 2e-4
     norm_target: float | None = None
-    weight_decay: float = 1e-3  # L2 on the network's weights (the logit layer: 1e-4)
+    # L2 on the network's weights: None = the network's, 1e-3 for the conv net (its slim
+    # regulariser), 0 for the ResNet (TF's official ResNet has none); the logit layer: 1e-4
+    weight_decay: float | None = None
     round_steps: int = 100  # steps per logged (and checkpointed) round
     cuda_graphs: bool = True  # on the GPU, replay each step as one CUDA graph (same arithmetic)
 
@@ -231,10 +233,22 @@ class ADCConfig:
         name = self.recipe if self.recipe != "auto" else ("mnist" if grey else "cifar")
         network = self.network if self.network != "auto" else ("convnet" if grey else "resnet20")
         emb = self.emb_size or (128 if network == "convnet" else 64)
+        if self.weight_decay is None:
+            decay = 1e-3 if network == "convnet" else 0.0
+        else:
+            decay = self.weight_decay
         recipe = asdict(RECIPES[name])
         filled = {k: v for k, v in recipe.items() if getattr(self, k) is None}
         style = self.augment if self.augment != "auto" else ("torchvision" if grey else "tf")
-        cfg = replace(self, recipe=name, network=network, emb_size=emb, augment=style, **filled)
+        cfg = replace(
+            self,
+            recipe=name,
+            network=network,
+            emb_size=emb,
+            augment=style,
+            weight_decay=decay,
+            **filled,
+        )
         if not 0 <= cfg.reg_warmup_steps < cfg.steps:
             raise UsageError(
                 f"parameter reg_warmup_steps must be in [0, steps), got {cfg.reg_warmup_steps} "
@@ -255,7 +269,13 @@ class ADCConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"parameter {name} must be >= 1")
-        for name in ("reg_warmup_steps", "warmup_steps", "visit_weight", "norm_target"):
+        for name in (
+            "reg_warmup_steps",
+            "warmup_steps",
+            "visit_weight",
+            "norm_target",
+            "weight_decay",
+        ):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageError(f"parameter {name} must be >= 0")
