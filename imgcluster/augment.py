@@ -217,8 +217,7 @@ def _crop_boxes(
 
 def _factor(u: torch.Tensor, amount: float) -> torch.Tensor:
     """Per-image factors uniform in [max(0, 1 - amount), 1 + amount], shaped N×1×1×1."""
-    lo = max(0.0, 1 - amount)
-    return (lo + (1 + amount - lo) * u).view(-1, 1, 1, 1)
+    return _between(u, (max(0.0, 1 - amount), 1 + amount)).view(-1, 1, 1, 1)
 
 
 def _colour(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:

@@ -144,9 +144,8 @@ def augmentation(channels: int, style: str) -> AugmentConfig:
     grey = channels == 1
     geometry = {"crop": "square", "crop_scale": (0.8, 1.0), "rotate": 15 if grey else 10}
     if style == "tf":
-        jitter = TFJitter(brightness=0.5)
-        if not grey:
-            jitter = TFJitter(brightness=0.5, saturation=(0.7, 1.3), contrast=(0.4, 1.8), hue=0.2)
+        colour = {} if grey else {"saturation": (0.7, 1.3), "contrast": (0.4, 1.8), "hue": 0.2}
+        jitter = TFJitter(brightness=0.5, **colour)
         return AugmentConfig(
             **geometry, flip=not grey, padding="grey", tf_jitter=jitter, noise=0.025
         )
@@ -405,8 +404,10 @@ class ADC(Method):
             "aug_walker": walker_loss(aug, plain, src),
             "aug_visit": visit_loss(aug, plain),
             "norm": norm_loss(z, cfg.norm_target) + norm_loss(cents, cfg.norm_target),
-            "l2": cfg.weight_decay * l2_penalty(net) + 1e-4 * l2_penalty(logit),
+            "l2": 1e-4 * l2_penalty(logit),
         }
+        if cfg.weight_decay:  # 0 for the ResNet: no pass over its weights each step
+            terms["l2"] = terms["l2"] + cfg.weight_decay * l2_penalty(net)
         loss = (
             decay
             * (
