@@ -58,9 +58,8 @@ def _config_callback(ctx: typer.Context, param: Any, value: Path | None) -> Path
         from .config import option_defaults
 
         names = {p.name: p.name for p in ctx.command.params if p.name}
-        for (
-            p
-        ) in ctx.command.params:  # the file may use the flag's name (json) or Python's (as_json)
+        # the file may use the flag's name (json) or Python's (as_json)
+        for p in ctx.command.params:
             names.update(
                 {o.lstrip("-").replace("-", "_"): p.name for o in p.opts if o.startswith("--")}
             )
