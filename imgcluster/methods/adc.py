@@ -392,12 +392,14 @@ class ADC(Method):
     ) -> dict[str, torch.Tensor]:
         cfg = self._cfg
         x = to_float(images)
-        views = torch.cat(
-            [x, *(augment(x, aug_cfg, rng.key(key, i)) for i in range(cfg.augmented))]
-        )
+        copies = torch.cat([augment(x, aug_cfg, rng.key(key, i)) for i in range(cfg.augmented)])
         with autocast(x.device):
-            z = net(layout(_scale(views))).float()
-        plain, aug = z[: len(x)], z[len(x) :]
+            # two passes, as the code's two image_to_embedding calls: in training, batch norm
+            # (the ResNet's) normalises the plain batch and its augmented copies each by
+            # their own statistics, so the copies' shifted statistics don't move the plain's
+            plain = net(layout(_scale(x))).float()
+            aug = net(layout(_scale(copies))).float()
+        z = torch.cat([plain, aug])
         src = torch.arange(len(x), device=z.device).repeat(cfg.augmented)
         decay = cfg.reg_decay_factor if cluster else 1.0
         terms = {
@@ -439,10 +441,14 @@ class ADC(Method):
     def _init_with_kmeans(
         self, trainer: Trainer, net: nn.Module, data: DeviceImages, cents: nn.Parameter
     ) -> None:
-        """k-means on the plain embeddings: each cluster's m centroids = its centre + U(±1e-4)."""
+        """k-means on the plain embeddings: each cluster's m centroids = its centre + U(±1e-4).
+
+        As much k-means as the code's scikit-learn ``KMeans`` did: 10 k-means++ starts of up
+        to 300 iterations, the lowest objective kept (cheap next to training)."""
         net.eval()
         z = map_batches(data, 1024, lambda b: net(layout(_scale(to_float(b)))))
-        km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed, restarts=3)
+        km = faiss_kmeans(z.cpu().numpy(), self.k, seed=trainer.ctx.seed, epochs=300, restarts=10)
+        trainer.note(kmeans_objective=km.objective)
         m = self._cfg.centroids_per_cluster
         centres = torch.from_numpy(km.centroids).to(cents.device).repeat_interleave(m, 0)
         gen = torch.Generator().manual_seed(trainer.ctx.seed + 1)
