@@ -537,6 +537,17 @@ class Trainer:
         self.current, self.epoch, self.step = None, 0, 0
         self._save()
 
+    def carry_over(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Optimizers that go on from the phase just finished into the next (call between
+        the two): when this process resumed after that phase, so never stepped them, load
+        the state the phase left them in from the checkpoint."""
+        if self._resume is None:
+            return
+        tensors, meta = self._resume
+        for name, opt in optimizers.items():
+            if not opt.state and name in meta["optimizers"]:
+                _optimizer_from_flat(name, opt, tensors, meta["optimizers"][name])
+
     def steps(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The batches of this epoch not yet done (a resumed epoch skips the finished ones)."""
         for idx in batches[self.step :]:

@@ -326,6 +326,31 @@ def test_adc_association_losses() -> None:
     )
 
 
+def test_adc_restart_adam_keeps_the_moments_of_what_the_code_did_not_reset() -> None:
+    kept, fresh = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([kept, fresh], lr=0.1, betas=(0.8, 0.9))
+    for _ in range(20):  # the warm-up: both get moments
+        opt.zero_grad()
+        (kept.sum() + fresh.sum()).backward()
+        opt.step()
+    moment = opt.state[kept]["exp_avg"].clone()
+    adc.restart_adam(opt, [fresh])
+    assert all(float(opt.state[p]["step"]) == 0 for p in (kept, fresh))  # bias correction anew
+    assert torch.equal(opt.state[kept]["exp_avg"], moment)
+    assert not opt.state[fresh]["exp_avg"].any() and not opt.state[fresh]["exp_avg_sq"].any()
+    before = kept.detach().clone(), fresh.detach().clone()
+    opt.zero_grad()
+    (0.01 * (kept.sum() + fresh.sum())).backward()  # a much smaller gradient than the warm-up's
+    opt.step()
+    # reset moments: a step of the full learning rate whatever the gradient's size
+    assert torch.allclose(before[1] - fresh.detach(), torch.full((2,), 0.1))
+    # kept ones go on from the warm-up's (gradient 1 for 20 steps), bias-corrected as at step 1
+    m = 0.8 * (1 - 0.8**20) + 0.2 * 0.01
+    v = 0.9 * (1 - 0.9**20) + 0.1 * 0.01**2
+    step = 0.1 * (m / 0.2) / (v / 0.1) ** 0.5
+    assert step > 0.14 and torch.allclose(before[0] - kept.detach(), torch.full((2,), step))
+
+
 def test_adc_learning_rate_ramps_and_decays() -> None:
     cfg = adc.ADCConfig().resolve(channels=1)
     lr = [adc.learning_rate(s, cfg) for s in (0, cfg.warmup_steps // 2, cfg.warmup_steps)]

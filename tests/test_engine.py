@@ -134,16 +134,19 @@ def test_deep_method_logs_every_epoch(toy: Path, tmp_path: Path) -> None:
     assert set(result.timings) == {"find", "decode", "fit", "label", "write"}
 
 
-@pytest.mark.parametrize("stop_at", [3, 6, 9])  # mid pretrain, end of pretrain, mid cluster
+@pytest.mark.parametrize("carry", [False, True])  # a fresh optimizer per phase, or one for both
+# mid pretrain, end of pretrain, between the phases, mid cluster
+@pytest.mark.parametrize("stop_at", [3, 6, "between", 9])
 def test_an_interrupted_run_resumes_to_the_same_result(
-    toy: Path, tmp_path: Path, stop_at: int
+    toy: Path, tmp_path: Path, stop_at: int | str, carry: bool
 ) -> None:
-    straight = train([toy], 3, method="toy-ae", out=tmp_path / "straight", seed=5)
+    params = {"carry": carry}
+    straight = train([toy], 3, method="toy-ae", out=tmp_path / "straight", seed=5, params=params)
     toy_method._steps[0] = 0
     toy_method.INTERRUPT_AT.add(stop_at)
     try:
         with pytest.raises(Interrupted, match="--resume"):
-            train([toy], 3, method="toy-ae", out=tmp_path / "run", seed=5)
+            train([toy], 3, method="toy-ae", out=tmp_path / "run", seed=5, params=params)
     finally:
         toy_method.INTERRUPT_AT.clear()
     run = tmp_path / "run"

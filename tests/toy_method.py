@@ -22,7 +22,9 @@ from imgcluster.methods import FitContext, Method, register
 from imgcluster.model import ClusterModel, Preprocessing, register_embedder
 from imgcluster.nets import MLPAutoencoder
 
-INTERRUPT_AT: set[int] = set()  # global step numbers at which the method sends itself Ctrl-C
+# global step numbers at which the method sends itself Ctrl-C; "between": Ctrl-C between
+# the phases, after the first one's checkpoint
+INTERRUPT_AT: set[int | str] = set()
 _steps = [0]
 
 
@@ -52,6 +54,7 @@ class ToyConfig:
     cluster_epochs: int = 2
     batch_size: int = 8
     code: int = 4
+    carry: bool = False  # one Adam through both phases (as ADC), not a fresh one per phase
 
 
 @register
@@ -69,7 +72,8 @@ class ToyAE(Method):
         trainer = Trainer(ctx, {"net": net, "head": head})
         view = AugmentConfig(flip=True, noise=0.02)
         steps = n // cfg.batch_size
-        opt = make_optimizer("adam", net.parameters(), 1e-3, ctx.device)
+        params = list(net.parameters()) + list(head.parameters())
+        opt = make_optimizer("adam", params if cfg.carry else net.parameters(), 1e-3, ctx.device)
         for epoch in trainer.phase("pretrain", cfg.epochs, {"adam": opt}, steps, cfg.batch_size):
             for idx in trainer.steps(data.epoch(cfg.batch_size, trainer.key(epoch))):
                 x = augment(to_float(data.take(idx)), view, trainer.key(epoch, trainer.step))
@@ -77,10 +81,14 @@ class ToyAE(Method):
                 _update(opt, loss)
                 trainer.record(len(idx), loss=loss)
         if trainer.entering("cluster"):
+            if "between" in INTERRUPT_AT:
+                INTERRUPT_AT.discard("between")
+                raise KeyboardInterrupt
+            if cfg.carry:
+                trainer.carry_over({"adam": opt})
             z = map_batches(data, 16, net)
             head.weight.data.copy_(z[torch.linspace(0, n - 1, self.k).long()])
-        params = list(net.parameters()) + list(head.parameters())
-        opt2 = make_optimizer("adam", params, 1e-3, ctx.device)
+        opt2 = opt if cfg.carry else make_optimizer("adam", params, 1e-3, ctx.device)
         for epoch in trainer.phase(
             "cluster", cfg.cluster_epochs, {"adam": opt2}, steps, cfg.batch_size
         ):

@@ -10,10 +10,10 @@ argmax of that layer on its embedding, i.e. the cluster whose centroid region it
 
 Schedule (the authors' ``--init_with_kmeans``, used by all their commands): a self-supervised
 warm-up with only the augmentation walk, then k-means (FAISS) on the embeddings places each
-cluster's centroids, Adam's state is reset, the augmentation terms are scaled by 0.2 and the
-full loss trains to the end. The learning rate ramps up along a tanh curve and is multiplied
-by 0.33 every ``decay_steps``. Nothing looks at labels (the authors' code stopped runs early
-by test accuracy; we don't).
+cluster's centroids, Adam restarts (as the code's did: ``restart_adam``), the augmentation
+terms are scaled by 0.2 and the full loss trains to the end. The learning rate ramps up
+along a tanh curve and is multiplied by 0.33 every ``decay_steps``. Nothing looks at labels
+(the authors' code stopped runs early by test accuracy; we don't).
 """
 
 from __future__ import annotations
@@ -319,10 +319,20 @@ class ADC(Method):
         rounds = -(-(cfg.steps - cfg.reg_warmup_steps) // cfg.round_steps)
         aug_cfg = augmentation(c, cfg.augment)
         batch = min(cfg.batch_size, n)
-        parts = (step_net, holder, logit, data, aug_cfg, batch)
+        # one Adam for the whole run, as the code's; the k-means init restarts it in part
+        params = [*net.parameters(), *holder.parameters(), *logit.parameters()]
+        graphs = cfg.cuda_graphs and data.graphable
+        opt = make_optimizer(
+            "adam", params, cfg.lr, trainer.device, capturable=graphs, betas=(cfg.beta1, cfg.beta2)
+        )
+        parts = (step_net, holder, logit, data, aug_cfg, batch, opt)
         self._phase(trainer, "warmup", warm_rounds, 0, parts, cluster=False)
         if trainer.entering("cluster"):
+            trainer.carry_over({"adam": opt})
             self._init_with_kmeans(trainer, net, data, cents)
+            # the conv net is built of slim layers, the ResNet of tf.layers (see restart_adam)
+            slim = [*logit.parameters(), *(net.parameters() if network == "convnet" else [])]
+            restart_adam(opt, slim)
         self._phase(trainer, "cluster", rounds, warm_rounds * cfg.round_steps, parts, cluster=True)
         embedder = ADCEmbedder(network, c, h, emb).to(ctx.device)
         embedder.net.load_state_dict(net.state_dict())
@@ -338,19 +348,15 @@ class ADC(Method):
         parts: tuple,
         cluster: bool,
     ) -> None:
-        """``rounds`` rounds of ``round_steps`` steps; a fresh Adam per phase (the reset).
+        """``rounds`` rounds of ``round_steps`` steps.
 
         On the GPU with the images in its memory each step (augmentation, forward, backward,
         Adam) is replayed as one CUDA graph: eager, a step of 400 small images launches some
         thousand kernels and ran at 13.5 ms on an H200, bound by the Python launching them.
         The step's rng key and the learning rate reach the graph through device tensors."""
         cfg = self._cfg
-        net, holder, logit, data, aug_cfg, batch = parts
+        net, holder, logit, data, aug_cfg, batch, opt = parts
         graphs = cfg.cuda_graphs and data.graphable
-        params = [*net.parameters(), *holder.parameters(), *logit.parameters()]
-        opt = make_optimizer(
-            "adam", params, cfg.lr, trainer.device, capturable=graphs, betas=(cfg.beta1, cfg.beta2)
-        )
 
         def step(idx: torch.Tensor, key: torch.Tensor) -> dict[str, torch.Tensor]:
             terms = self._loss(
@@ -455,6 +461,23 @@ class ADC(Method):
         noise = (2e-4 * torch.rand(centres.shape, generator=gen) - 1e-4).to(cents.device)
         with torch.no_grad():
             cents.copy_(centres + noise)
+
+
+def restart_adam(opt: torch.optim.Optimizer, slim: list[nn.Parameter]) -> None:
+    """Adam after the k-means init, as the code's ``reset_optimizer`` left it.
+
+    That re-initialised Adam's shared β-power counters, so every variable's bias correction
+    starts over, and the moment slots of TF's *model variables* only: those of slim layers
+    (the MNIST conv net, the logit layer; ``slim`` here). The official ResNet under the
+    CIFAR model is built of tf.layers, which are not model variables, and the centroids are
+    a plain variable: they keep their moments, so training goes on smoothly from the warm-up
+    instead of every weight taking a step of the full learning rate at once."""
+    for state in opt.state.values():
+        state["step"].zero_()
+    for p in slim:
+        if p in opt.state:
+            opt.state[p]["exp_avg"].zero_()
+            opt.state[p]["exp_avg_sq"].zero_()
 
 
 def learning_rate(step: int, cfg: ADCConfig) -> float:
