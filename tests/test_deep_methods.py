@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from imgcluster import assign, evaluate, train
+from imgcluster import assign, engine, evaluate, train
 from imgcluster.errors import UsageError
 from imgcluster.methods import adc, mmdc
 from imgcluster.methods import aecm as cm
@@ -349,6 +349,22 @@ def test_adc_restart_adam_keeps_the_moments_of_what_the_code_did_not_reset() -> 
     v = 0.9 * (1 - 0.9**20) + 0.1 * 0.01**2
     step = 0.1 * (m / 0.2) / (v / 0.1) ** 0.5
     assert step > 0.14 and torch.allclose(before[0] - kept.detach(), torch.full((2,), step))
+
+
+def test_adc_momentum_step_moves_the_network_weights_once_more() -> None:
+    weight, centroid = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([weight, centroid], lr=0.01, betas=(0.8, 0.9))
+    for _ in range(200):  # a steady gradient of 1 on both
+        engine.optimizer_step(opt, (weight + centroid).sum())
+        adc.momentum_step(opt, [weight], [centroid])
+    # the centroid took plain Adam steps (lr each); the weight, with the zero-gradient step,
+    # about 1.41 lr a step: m/√v with the moments decayed twice a step
+    assert float(-centroid.detach()) == pytest.approx(200 * 0.01, rel=1e-3)
+    m, v = 0.16 / 0.36, 0.09 / 0.19  # the stationary moments, after the second step
+    steady = (0.8 * m + 0.2) / (0.9 * v + 0.1) ** 0.5 * (1 + 0.8 / 0.9**0.5)
+    assert steady == pytest.approx(1.41, abs=0.01)
+    assert float(-weight.detach()) == pytest.approx(200 * 0.01 * steady, rel=0.02)
+    assert float(opt.state[weight]["step"]) == 400 and float(opt.state[centroid]["step"]) == 200
 
 
 def test_adc_learning_rate_ramps_and_decays() -> None:
