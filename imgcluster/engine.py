@@ -520,7 +520,7 @@ class Trainer:
         self._optimizers = dict(optimizers or {})
         resuming = self.current == name
         if resuming:
-            self._restore_optimizers()
+            self._restore_optimizers(self._optimizers)
         else:
             self.current, self.epoch, self.step = name, 0, 0
         total = epochs * (steps_per_epoch or 1) * max(images_per_step, 1)
@@ -541,12 +541,7 @@ class Trainer:
         """Optimizers that go on from the phase just finished into the next (call between
         the two): when this process resumed after that phase, so never stepped them, load
         the state the phase left them in from the checkpoint."""
-        if self._resume is None:
-            return
-        tensors, meta = self._resume
-        for name, opt in optimizers.items():
-            if not opt.state and name in meta["optimizers"]:
-                _optimizer_from_flat(name, opt, tensors, meta["optimizers"][name])
+        self._restore_optimizers({n: o for n, o in optimizers.items() if not o.state})
 
     def steps(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The batches of this epoch not yet done (a resumed epoch skips the finished ones)."""
@@ -679,11 +674,11 @@ class Trainer:
         self.epoch, self.step, self._images = meta["epoch"], meta["step"], meta["images"]
         return tensors, meta
 
-    def _restore_optimizers(self) -> None:
+    def _restore_optimizers(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         if self._resume is None:
             return
         tensors, meta = self._resume
-        for name, opt in self._optimizers.items():
+        for name, opt in optimizers.items():
             if name in meta["optimizers"]:
                 _optimizer_from_flat(name, opt, tensors, meta["optimizers"][name])
 
