@@ -297,8 +297,9 @@ def _fit_and_write(
     clock: _Clock,
     feature_cache: Path | None,
 ) -> TrainResult:
+    """Fit, label and write the run folder; an interrupted or failed fit leaves the folder
+    resumable when a checkpoint was written, and removes it otherwise."""
     checkpoint = Checkpointer(run.path)
-    n = len(decoded.files)
     try:
         if not resuming:
             run.write_config(_settings(job, decoded))
@@ -312,41 +313,8 @@ def _fit_and_write(
             job.checkpoint_every,
             job.compile,
         )
-        torch.manual_seed(job.seed)
-        np.random.seed(job.seed % 2**32)
-        with flush_denormals():
-            if job.backbone == "none":
-                with precision(job.precision):
-                    model = job.algo.fit(decoded.images, ctx)
-                clock.lap("fit")
-                with reporter.task("labelling", total=n) as bar:
-                    z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
-            else:
-                model, z = _fit_features(job, decoded, ctx, feature_cache, clock)
-        assignment = nearest(z, model.centroids, model.metric, device=job.device)
-        clock.lap("label")
-        model.save(run.path, {"seed": job.seed, "root": str(decoded.root)})
-        run.write_embeddings(z.cpu().numpy())
-        rels = [f.rel for f in decoded.files]
-        write_labels(run.path / "labels.csv", rels, assignment)
-        write_parquet(run.path / "labels.parquet", rels, assignment)  # when pyarrow is installed
-        if sheets:
-            labels = Labels(
-                rels, assignment.cluster, assignment.confidence, assignment.distance, decoded.root
-            )
-            write_sheets(labels, run.path / "sheets", reporter=reporter)
-        clock.lap("write")
-        sizes = np.bincount(assignment.cluster, minlength=job.k).tolist()
-        run.log(
-            {
-                "phase": "done",
-                "images": n,
-                "skipped": len(decoded.skipped),
-                "sizes": sizes,
-                "seconds": round(clock.total(), 3),
-                "timings": clock.laps,
-            }
-        )
+        model, z = _fit(job, decoded, ctx, feature_cache, clock)
+        sizes = _write(job, decoded, run, model, z, sheets, reporter, clock)
         checkpoint.remove()
         run.finish()
     except KeyboardInterrupt:
@@ -367,7 +335,7 @@ def _fit_and_write(
         run.path,
         job.method,
         job.k,
-        n,
+        len(decoded.files),
         len(decoded.skipped),
         sizes,
         str(job.device),
@@ -377,6 +345,62 @@ def _fit_and_write(
         dict(clock.laps),
         job.auto.to_record() if job.auto else None,
     )
+
+
+def _fit(
+    job: _Job, decoded: cache.Decoded, ctx: FitContext, feature_cache: Path | None, clock: _Clock
+) -> tuple[ClusterModel, torch.Tensor]:
+    """The trained model and the embeddings of the training images, seeded by the job."""
+    torch.manual_seed(job.seed)
+    np.random.seed(job.seed % 2**32)
+    with flush_denormals():
+        if job.backbone != "none":
+            return _fit_features(job, decoded, ctx, feature_cache, clock)
+        with precision(job.precision):
+            model = job.algo.fit(decoded.images, ctx)
+        clock.lap("fit")
+        with ctx.reporter.task("labelling", total=len(decoded.files)) as bar:
+            z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
+    return model, z
+
+
+def _write(
+    job: _Job,
+    decoded: cache.Decoded,
+    run: RunFolder,
+    model: ClusterModel,
+    z: torch.Tensor,
+    sheets: bool,
+    reporter: Reporter,
+    clock: _Clock,
+) -> list[int]:
+    """Label the training images and write the model, embeddings, labels (and contact
+    sheets) into the run folder; returns the cluster sizes."""
+    assignment = nearest(z, model.centroids, model.metric, device=job.device)
+    clock.lap("label")
+    model.save(run.path, {"seed": job.seed, "root": str(decoded.root)})
+    run.write_embeddings(z.cpu().numpy())
+    rels = [f.rel for f in decoded.files]
+    write_labels(run.path / "labels.csv", rels, assignment)
+    write_parquet(run.path / "labels.parquet", rels, assignment)  # when pyarrow is installed
+    if sheets:
+        labels = Labels(
+            rels, assignment.cluster, assignment.confidence, assignment.distance, decoded.root
+        )
+        write_sheets(labels, run.path / "sheets", reporter=reporter)
+    clock.lap("write")
+    sizes = np.bincount(assignment.cluster, minlength=job.k).tolist()
+    run.log(
+        {
+            "phase": "done",
+            "images": len(decoded.files),
+            "skipped": len(decoded.skipped),
+            "sizes": sizes,
+            "seconds": round(clock.total(), 3),
+            "timings": clock.laps,
+        }
+    )
+    return sizes
 
 
 def _fit_features(
