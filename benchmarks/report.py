@@ -191,7 +191,7 @@ def _pretrained_section(runs: list[dict[str, Any]]) -> list[str]:
         )
         cmds = _joined(batch, "command", "`{}`", "; ")
         commands.append(f"- {r['dataset']}, {r['method']} on {r['backbone']}: {cmds}")
-    return [*out, "\nCommands:\n", *commands, ""]
+    return [*out, "\nCommands:\n", *dict.fromkeys(commands), ""]
 
 
 def _settings(r: dict[str, Any]) -> str:
@@ -256,7 +256,7 @@ def _accuracy_sections(records: list[dict[str, Any]], papers: dict[str, Any]) ->
             cmds = _joined(batch, "command", "`{}`", "; ")
             commands.append(f"- {r['method']} ({settings}): {cmds}")
         out.append("\nCommands:\n")
-        out += commands
+        out += dict.fromkeys(commands)  # rows sharing a command list it once
         notes = [f"- {m}: {p['source']}" for m, p in sorted(papers.get(dataset, {}).items())]
         if notes:
             out.append("\nPaper figures:\n")
