@@ -115,6 +115,8 @@ def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str 
     for p, label in table.items():
         out[key_of[_key(labels.root, p)]] = label
     missing = out.count(None)
+    if missing == len(out):
+        raise UsageError(f"{show_path(path)}: no rows (path,label) after the header")
     if missing:
         reporter.warn(
             f"{missing} labelled image(s) have no ground truth in {show_path(path)}; "
@@ -148,11 +150,10 @@ def _read_truth(path: Path) -> dict[str, str]:
 
 
 def _score(result: Evaluation, labels: Labels, classes: list[str | None], truth: str) -> None:
-    rows = [i for i, c in enumerate(classes) if c is not None]
-    if not rows:
-        raise UsageError("no labelled image has a ground-truth class")
+    rows = [i for i, c in enumerate(classes) if c is not None]  # never empty: see _truth
     names = sorted({classes[i] for i in rows})  # type: ignore[type-var]
-    y_true = np.array([names.index(classes[i]) for i in rows])
+    column = {name: j for j, name in enumerate(names)}
+    y_true = np.array([column[classes[i]] for i in rows])  # type: ignore[index]
     ids = sorted(result.sizes)
     y_pred = np.searchsorted(ids, labels.cluster[rows])
     table = metrics.contingency(y_true, y_pred, shape=(len(ids), len(names)))

@@ -139,6 +139,9 @@ def test_evaluate_with_a_truth_csv_and_without_truth(toy: Path, tmp_path: Path) 
         fh.write("not/there.png,X\n")
     with pytest.raises(UsageError, match="not in the labels"):
         evaluate(run / "labels.csv", truth=str(truth))
+    truth.write_text("path,label\n")  # a header alone: an error naming the file, no warning
+    with pytest.raises(UsageError, match=r"truth\.csv: no rows"):
+        evaluate(run / "labels.csv", truth=str(truth))
 
 
 def _digest(path: Path) -> str:
