@@ -146,7 +146,9 @@ def run_root(folder: Path) -> Path | None:
     return Path(root) if isinstance(root, str) else None
 
 
-def _read_csv_rows(path: Path) -> list[list[str]]:
+def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The rows after the header, each with the file line it ends on (blank lines and
+    quoted line breaks make the two counts differ)."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -154,21 +156,22 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
             raise ValueError(
                 f"expected the columns {','.join(COLUMNS)}, found {','.join(header or [])!r}"
             )
-        return [row for row in reader if row]
+        return [(reader.line_num, row) for row in reader if row]
 
 
-def _read_json_rows(path: Path) -> list[list[str]]:
+def _read_json_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The objects as rows, numbered from 1."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list) or not all(
         isinstance(r, dict) and set(COLUMNS) <= set(r) for r in data
     ):
         raise ValueError(f"expected a list of objects with the keys {', '.join(COLUMNS)}")
-    return [[r[c] for c in COLUMNS] for r in data]
+    return [(i, [r[c] for c in COLUMNS]) for i, r in enumerate(data, start=1)]
 
 
-def _to_labels(rows: list[list[str]], path: Path, root: Path) -> Labels:
+def _to_labels(rows: list[tuple[int, list[str]]], path: Path, root: Path) -> Labels:
     paths, cluster, conf, dist = [], [], [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             paths.append(str(row[0]))
             cluster.append(int(row[1]))

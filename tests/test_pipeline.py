@@ -223,6 +223,10 @@ def test_labels_reader_errors(tmp_path: Path) -> None:
     bad.write_text("path,cluster,confidence,distance\nx.png,one,1,0\n")
     with pytest.raises(UsageError, match="row 2"):
         read_labels(bad)
+    # the file's line, past a blank line and a name with a line break in it
+    bad.write_text('path,cluster,confidence,distance\n\n"a\nb.png",0,1,0\nx.png,-1,1,0\n')
+    with pytest.raises(UsageError, match="row 5 has a negative"):
+        read_labels(bad)
 
 
 def test_odd_file_names_round_trip(tmp_path: Path) -> None:
