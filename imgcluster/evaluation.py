@@ -115,8 +115,6 @@ def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str 
     for p, label in table.items():
         out[key_of[_key(labels.root, p)]] = label
     missing = out.count(None)
-    if missing == len(out):
-        raise UsageError(f"{show_path(path)}: no rows (path,label) after the header")
     if missing:
         reporter.warn(
             f"{missing} labelled image(s) have no ground truth in {show_path(path)}; "
@@ -139,7 +137,10 @@ def _read_truth(path: Path) -> dict[str, str]:
                     f"{show_path(path)}: ground truth needs the columns path,label; "
                     f"found {','.join(header)!r}"
                 )
-            return {row[0]: row[1] for row in reader if len(row) >= 2}
+            table = {row[0]: row[1] for row in reader if len(row) >= 2}
+            if not table:
+                raise UsageError(f"{show_path(path)}: no rows (path,label) after the header")
+            return table
     except FileNotFoundError:
         raise UsageError(
             f"{show_path(path)}: ground-truth file not found "
@@ -150,7 +151,8 @@ def _read_truth(path: Path) -> dict[str, str]:
 
 
 def _score(result: Evaluation, labels: Labels, classes: list[str | None], truth: str) -> None:
-    rows = [i for i, c in enumerate(classes) if c is not None]  # never empty: see _truth
+    # never empty: a truth CSV has rows (_read_truth), each naming a labelled image
+    rows = [i for i, c in enumerate(classes) if c is not None]
     names = sorted({classes[i] for i in rows})  # type: ignore[type-var]
     column = {name: j for j, name in enumerate(names)}
     y_true = np.array([column[classes[i]] for i in rows])  # type: ignore[index]
