@@ -423,6 +423,7 @@ def export(
             _print_json(
                 {
                     "exported": result.exported,
+                    "already_there": result.already_there,
                     "to": str(result.to),
                     "mode": mode,
                     "labels_file": str(result.labels_file),
@@ -430,8 +431,10 @@ def export(
                 }
             )
         else:
+            n = result.already_there
+            there = f", {n} of them already there" if n else ""
             _out.print(
-                f"{result.exported} images exported to {result.to} ({mode}); "
+                f"{result.exported} images exported to {result.to} ({mode}){there}; "
                 f"{len(result.skipped)} skipped; labels in {result.labels_file}",
                 markup=False,
             )

@@ -1,6 +1,10 @@
 """``export``: sort images into ``DIR/cluster_NN/`` folders and write the labels there.
 
-Nothing is ever overwritten: a name already taken gets a ``-1``, ``-2``... suffix.
+Nothing is ever overwritten: a name already taken gets a ``-1``, ``-2``... suffix,
+unless it already holds this very image (the same bytes for ``copy``, a link to it for
+``link``/``hardlink``, the file itself for ``move``): then the image counts as already there,
+so an export re-run after a kill, or repeated into the same folder, places only what is
+missing instead of doubling the folder.
 Files appear under their final name only whole (copies are written to a
 temporary name first), and ``move`` renames each file in one atomic step on the
 same file system, so a killed export leaves every image either in its source or
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import filecmp
 import os
 import shutil
 import tempfile
@@ -34,6 +39,7 @@ class ExportResult:
     labels_file: Path
     exported: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    already_there: int = 0  # of ``exported``: found in place, from an earlier export
 
 
 def export(
@@ -63,17 +69,20 @@ def export(
     width = max(2, len(str(int(labels.cluster.max(initial=0)))))
     rows: list[tuple[str, int, float, float, str]] = []
     skipped: list[tuple[str, str]] = []
+    taken: set[Path] = set()  # targets this export has filled: two sources never share one
+    reused = 0
     with reporter.task(f"exporting ({mode})", total=len(labels)) as bar:
         for i, name in enumerate(labels.paths):
             src = labels.resolve(name)
             folder = to / f"cluster_{labels.cluster[i]:0{width}d}"
             try:
-                placed = place(src, folder, mode)
+                placed, found = place(src, folder, mode, taken)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 skipped.append((str(src), reason))
                 reporter.warn(f"skipped {show_path(src)}: {reason}")
             else:
+                reused += found
                 rows.append(
                     (
                         placed.relative_to(to).as_posix(),
@@ -85,26 +94,52 @@ def export(
                 )
             bar.advance()
     out = _write_export_labels(to, rows, fmt)
-    return ExportResult(to, out, len(rows), skipped)
+    return ExportResult(to, out, len(rows), skipped, reused)
 
 
-def place(src: Path, folder: Path, mode: str) -> Path:
-    """Put ``src`` into ``folder`` under its own name or the first free suffixed one."""
+def place(src: Path, folder: Path, mode: str, taken: set[Path] | None = None) -> tuple[Path, bool]:
+    """Put ``src`` into ``folder`` under its own name or the first free suffixed one; return
+    the target and whether ``src`` was already there (a name in ``taken`` is never reused,
+    and the target is added to it)."""
     if not src.is_file():
         raise OSError(errno.ENOENT, "not found" if not src.exists() else "not a regular file")
     folder.mkdir(parents=True, exist_ok=True)
+    taken = set() if taken is None else taken
+    for target in _candidates(folder, src.name):
+        if not os.path.lexists(target):
+            break
+        if target not in taken and _holds(target, src, mode):
+            taken.add(target)
+            return target, True
     tmp = _staged_copy(src, folder) if mode == "copy" else None
     try:
         for target in _candidates(folder, src.name):
             try:
                 _put(src, tmp, target, mode)
-                return target
+                taken.add(target)
+                return target, False
             except FileExistsError:
                 continue
         raise OSError(errno.EEXIST, "no free name")  # pragma: no cover - 10^6 collisions
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def _holds(target: Path, src: Path, mode: str) -> bool:
+    """Whether the existing ``target`` already is what ``mode`` would make of ``src``."""
+    try:
+        if mode == "link":
+            return target.is_symlink() and os.readlink(target) == str(src.absolute())
+        if target.is_symlink():
+            return False
+        if mode == "move":  # the source itself, already sorted
+            return target.parent.resolve() / target.name == src.parent.resolve() / src.name
+        if mode == "hardlink":
+            return os.path.samefile(target, src)
+        return filecmp.cmp(target, src, shallow=False)
+    except OSError:  # unreadable: treat the name as taken by something else
+        return False
 
 
 def _put(src: Path, tmp: Path | None, target: Path, mode: str) -> None:
@@ -192,18 +227,27 @@ def _make_dir(to: Path) -> None:
 def _write_export_labels(
     to: Path, rows: list[tuple[str, int, float, float, str]], fmt: str
 ) -> Path:
-    """``to/labels.csv`` (or .json; a free suffixed name if taken) with a ``source`` column."""
+    """``to/labels.csv`` (or .json; a free suffixed name if taken, unless a taken one already
+    holds these very labels) with a ``source`` column."""
     import csv
+    import io
     import json
 
-    target = next(p for p in _candidates(to, f"labels.{fmt}") if not p.exists())
     columns = (*COLUMNS, "source")
-    with atomic_open(target, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        if fmt == "json":
-            json.dump([dict(zip(columns, r, strict=True)) for r in rows], fh, indent=1)
-            fh.write("\n")
-        else:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(columns)
-            writer.writerows((p, c, f"{f:.6g}", f"{d:.6g}", s) for p, c, f, d, s in rows)
+    text = io.StringIO(newline="")
+    if fmt == "json":
+        json.dump([dict(zip(columns, r, strict=True)) for r in rows], text, indent=1)
+        text.write("\n")
+    else:
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows((p, c, f"{f:.6g}", f"{d:.6g}", s) for p, c, f, d, s in rows)
+    data = text.getvalue().encode("utf-8", errors="surrogateescape")
+    for target in _candidates(to, f"labels.{fmt}"):
+        if not target.exists():
+            break
+        if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+            return target
+    with atomic_open(target, "wb") as fh:
+        fh.write(data)
     return target

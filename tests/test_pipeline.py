@@ -186,6 +186,33 @@ def test_export_never_overwrites_and_suffixes_collisions(tmp_path: Path) -> None
     assert again.labels_file.name == "labels-1.csv"  # the first labels file is kept
 
 
+@pytest.mark.parametrize("mode", ["copy", "link", "hardlink"])
+def test_export_again_places_only_what_is_missing(tmp_path: Path, mode: str) -> None:
+    src = tmp_path / "src"
+    for sub in ("a", "b"):  # same names, and a and b's first images have the same bytes
+        (src / sub).mkdir(parents=True)
+        for i in range(3):
+            (src / sub / f"p{i}.png").write_bytes(f"{sub if i else ''}{i}".encode())
+    rows = [f"{s}/p{i}.png,{i % 2},1,0\n" for s in "ab" for i in range(3)]
+    head = "path,cluster,confidence,distance\n"
+    part, full = tmp_path / "part.csv", tmp_path / "full.csv"
+    part.write_text(head + "".join(rows[:2]))  # as if a first export was killed after two
+    full.write_text(head + "".join(rows))
+    out = tmp_path / "out"
+    first = export(part, out, root=src, mode=mode)
+    second = export(full, out, root=src, mode=mode)
+    assert (first.already_there, second.exported, second.already_there) == (0, 6, 2)
+    files = sorted(p for p in out.rglob("*.png"))
+    assert len(files) == 6  # a's and b's identical p0 still get a file each
+    placed = {r["source"]: out / r["path"] for r in _rows(second.labels_file)}
+    assert len(set(placed.values())) == 6
+    assert all(p.read_bytes() == Path(s).read_bytes() for s, p in placed.items())
+    third = export(full, out, root=src, mode=mode)
+    assert (third.already_there, third.labels_file) == (6, second.labels_file)
+    assert sorted(p for p in out.rglob("*.png")) == files
+    assert sorted(p.name for p in out.glob("labels*")) == ["labels-1.csv", "labels.csv"]
+
+
 def test_export_skips_missing_sources(tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
     labels.write_text("path,cluster,confidence,distance\ngone.png,0,1,0\n")
@@ -207,10 +234,12 @@ def test_rename_noreplace_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_copy_leaves_no_temporary_files(tmp_path: Path) -> None:
     src = tmp_path / "x.png"
     src.write_bytes(b"data")
-    first = place(src, tmp_path / "dst", "copy")
-    second = place(src, tmp_path / "dst", "copy")
+    taken: set[Path] = set()
+    first, _ = place(src, tmp_path / "dst", "copy", taken)
+    second, _ = place(src, tmp_path / "dst", "copy", taken)  # one export never shares a target
     assert [p.name for p in sorted((tmp_path / "dst").iterdir())] == ["x-1.png", "x.png"]
     assert first.name == "x.png" and second.name == "x-1.png"
+    assert place(src, tmp_path / "dst", "copy") == (first, True)  # a later export finds it
 
 
 def test_labels_reader_errors(tmp_path: Path) -> None:
