@@ -3,7 +3,10 @@
 Ground truth is each image's parent folder name (``folders``), or a CSV with
 the columns ``path,label`` whose relative paths start from the same root as the
 label file's. ``auto`` uses the folder names when the images sit in at least
-two folders, and scores without truth otherwise.
+two folders, and scores without truth otherwise. For an export's labels file
+(with its ``source`` column) the images' original places count, not the
+``cluster_NN`` folders export put them in: those would score the labels
+against themselves.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _truth(labels: Labels, truth: str, reporter: Reporter) -> list[str | None] |
     if truth == "none":
         return None
     if truth in ("auto", "folders"):
-        names = [_folder_class(p, labels.root) for p in labels.paths]
+        names = [_folder_class(p, labels.root) for p in labels.sources or labels.paths]
         if truth == "auto" and len(set(names)) < 2:
             return None
         return names
@@ -105,6 +108,8 @@ def _folder_class(path: str, root: Path) -> str:
 def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str | None]:
     table = _read_truth(path)
     key_of = {_key(labels.root, p): i for i, p in enumerate(labels.paths)}
+    for i, p in enumerate(labels.sources or []):  # an export's: the originals' paths count too
+        key_of.setdefault(os.path.normpath(p), i)
     unknown = [p for p in table if _key(labels.root, p) not in key_of]
     if unknown:
         raise UsageError(

@@ -37,6 +37,7 @@ class Labels:
     confidence: np.ndarray
     distance: np.ndarray
     root: Path
+    sources: list[str] | None = None  # an export's labels: where each image came from
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -124,7 +125,8 @@ def read_labels(path: Path, root: Path | None = None) -> Labels:
 
     ``path`` may be a run folder (its ``labels.csv`` is read). Relative paths resolve against
     ``root``, else the image root recorded in a ``config.toml`` beside the file (a run
-    folder), else the current folder.
+    folder), else the file's own folder for an export's labels (a ``source`` column after
+    the four), else the current folder.
     """
     path = labels_path(path)
     try:
@@ -133,7 +135,9 @@ def read_labels(path: Path, root: Path | None = None) -> Labels:
         raise UsageError(f"{show_path(path)}: labels file not found") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{show_path(path)}: cannot read labels ({exc})") from None
-    return _to_labels(rows, path, root or run_root(path.parent) or Path.cwd())
+    exported = bool(rows) and all(len(row) > len(COLUMNS) for _, row in rows)
+    root = root or run_root(path.parent) or (path.parent if exported else Path.cwd())
+    return _to_labels(rows, path, root, exported)
 
 
 def run_root(folder: Path) -> Path | None:
@@ -148,7 +152,8 @@ def run_root(folder: Path) -> Path | None:
 
 def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     """The rows after the header, each with the file line it ends on (blank lines and
-    quoted line breaks make the two counts differ)."""
+    quoted line breaks make the two counts differ); a ``source`` column after the four
+    (an export's) is kept as a fifth field, any other extra column dropped."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -156,20 +161,23 @@ def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
             raise ValueError(
                 f"expected the columns {','.join(COLUMNS)}, found {','.join(header or [])!r}"
             )
-        return [(reader.line_num, row) for row in reader if row]
+        width = 5 if len(header) > 4 and header[4].strip() == "source" else 4
+        return [(reader.line_num, row[:width]) for row in reader if row]
 
 
 def _read_json_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """The objects as rows, numbered from 1."""
+    """The objects as rows, numbered from 1 (with ``source`` as a fifth field when every
+    object has one: an export's)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list) or not all(
         isinstance(r, dict) and set(COLUMNS) <= set(r) for r in data
     ):
         raise ValueError(f"expected a list of objects with the keys {', '.join(COLUMNS)}")
-    return [(i, [r[c] for c in COLUMNS]) for i, r in enumerate(data, start=1)]
+    keys = (*COLUMNS, "source") if all("source" in r for r in data) else COLUMNS
+    return [(i, [r[c] for c in keys]) for i, r in enumerate(data, start=1)]
 
 
-def _to_labels(rows: list[tuple[int, list[str]]], path: Path, root: Path) -> Labels:
+def _to_labels(rows: list[tuple[int, list[str]]], path: Path, root: Path, exported: bool) -> Labels:
     paths, cluster, conf, dist = [], [], [], []
     for line, row in rows:
         try:
@@ -189,4 +197,5 @@ def _to_labels(rows: list[tuple[int, list[str]]], path: Path, root: Path) -> Lab
         np.array(conf, dtype=np.float32),
         np.array(dist, dtype=np.float32),
         root,
+        [str(row[4]) for _, row in rows] if exported else None,
     )

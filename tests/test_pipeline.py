@@ -213,6 +213,29 @@ def test_export_again_places_only_what_is_missing(tmp_path: Path, mode: str) -> 
     assert sorted(p.name for p in out.glob("labels*")) == ["labels-1.csv", "labels.csv"]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_evaluating_an_export_scores_the_original_folders(tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / "src"
+    rows = []
+    for cls, clusters in (("cat", [0, 0, 0, 1]), ("dog", [1, 1, 0, 1])):
+        (src / cls).mkdir(parents=True)
+        for i, c in enumerate(clusters):
+            (src / cls / f"{i}.png").write_bytes(f"{cls}{i}".encode())
+            rows.append(f"{cls}/{i}.png,{c},1,0\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,cluster,confidence,distance\n" + "".join(rows))
+    exported = export(labels, tmp_path / "sorted", root=src, fmt=fmt).labels_file
+    direct = evaluate(labels, root=src)
+    again = evaluate(exported)  # from any folder: the export's paths start from its own
+    assert again.classes == direct.classes == ["cat", "dog"]  # not cluster_00, cluster_01
+    assert (
+        (again.acc, again.confusion) == (direct.acc, direct.confusion) == (0.75, [[3, 1], [1, 3]])
+    )
+    truth = tmp_path / "truth.csv"  # a truth CSV naming the originals matches too
+    truth.write_text("path,label\n" + "".join(f"{src}/{r.split(',')[0]},x\n" for r in rows[:4]))
+    assert evaluate(exported, truth=str(truth)).scored == 4
+
+
 def test_export_skips_missing_sources(tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
     labels.write_text("path,cluster,confidence,distance\ngone.png,0,1,0\n")
