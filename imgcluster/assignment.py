@@ -52,6 +52,8 @@ def assign(
     model = ClusterModel.load(Path(run))
     dev = resolve_device(device)
     found = files.find_images(list(inputs))
+    if note := found.left_out_note():
+        reporter.note(note)
     result = AssignResult(0, sizes=[0] * model.k)
     _skip(result, found.skipped, strict, reporter)
     prep = model.preprocessing

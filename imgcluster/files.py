@@ -1,10 +1,12 @@
 """Step 1: find the image files named by files, folders and glob patterns.
 
-Folders are walked recursively, hidden files and folders are skipped, symbolic
-links are followed without looping, the same file (device and inode) reached
-twice is listed once, and the result is sorted by the path relative to one
-common root so every run sees the same order. One ``stat`` per file: its size
-and mtime are kept for the decode cache.
+Folders are walked recursively, hidden files and folders are skipped, and so are
+imgcluster's own run folders met inside an input (their contact sheets are not
+photos: ``train .`` run twice in a photo folder would otherwise learn from the
+first run's ``runs/``); symbolic links are followed without looping, the same
+file (device and inode) reached twice is listed once, and the result is sorted by
+the path relative to one common root so every run sees the same order. One
+``stat`` per file: its size and mtime are kept for the decode cache.
 """
 
 from __future__ import annotations
@@ -41,9 +43,29 @@ class ImageList:
     root: Path
     files: list[ImageFile]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    run_folders: list[str] = field(default_factory=list)  # left out: imgcluster's own output
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def left_out_note(self) -> str | None:
+        """One line saying which run folders the walk left out, if any."""
+        if not self.run_folders:
+            return None
+        n = len(self.run_folders)
+        first = show_path(os.path.normpath(self.run_folders[0]))
+        return (
+            f"left out {n} imgcluster run folder(s) inside the input "
+            f"(e.g. {first}); name one to use its images"
+        )
+
+
+def is_run_folder(path: str) -> bool:
+    """A folder ``train`` wrote (or is writing): its config.toml beside a model or checkpoint."""
+    return os.path.isfile(os.path.join(path, "config.toml")) and any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("model.json", "checkpoint.safetensors")
+    )
 
 
 def is_image_name(name: str) -> bool:
@@ -67,7 +89,7 @@ def find_images(inputs: Sequence[str | Path]) -> ImageList:
         rel = os.path.relpath(os.path.abspath(start), root)
         walk.start(start, "" if rel == "." else rel.replace(os.sep, "/"))
     files = sorted(walk.found.values(), key=lambda f: f.rel)
-    return ImageList(root=root, files=files, skipped=walk.skipped)
+    return ImageList(root=root, files=files, skipped=walk.skipped, run_folders=walk.run_folders)
 
 
 def _expand(item: str) -> list[str]:
@@ -97,6 +119,7 @@ class _Walk:
     def __init__(self) -> None:
         self.found: dict[tuple[int, int], ImageFile] = {}
         self.skipped: list[tuple[str, str]] = []
+        self.run_folders: list[str] = []
         self._dirs: set[tuple[int, int]] = set()
 
     def start(self, path: str, rel: str) -> None:
@@ -151,6 +174,9 @@ class _Walk:
                     self.skipped.append((entry.path, "broken symbolic link"))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                yield entry.name, entry.path, st
+                if is_run_folder(entry.path):  # a named input folder is never left out
+                    self.run_folders.append(entry.path)
+                else:
+                    yield entry.name, entry.path, st
             else:
                 self._add(entry.path, prefix + entry.name, st)

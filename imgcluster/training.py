@@ -154,6 +154,8 @@ def _load(
 ) -> tuple[files.ImageList, cache.Decoded]:
     """Find and decode the job's images (choosing K first with ``--k auto``)."""
     found = files.find_images(list(job.inputs))
+    if note := found.left_out_note():
+        reporter.note(note)
     clock.lap("find")
     decoded = cache.load_images(
         found,

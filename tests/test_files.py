@@ -44,6 +44,27 @@ def test_hidden_files_and_folders_are_skipped(tmp_path: Path) -> None:
     assert [f.rel for f in find_images([tmp_path]).files] == ["ok.png"]
 
 
+def test_run_folders_inside_an_input_are_left_out(tmp_path: Path) -> None:
+    _img(tmp_path / "a.png")
+    done, stopped = tmp_path / "runs" / "photos-adc", tmp_path / "runs" / "photos-adc-2"
+    _img(done / "sheets" / "overview.png")  # a finished run's contact sheet
+    for run, model in ((done, "model.json"), (stopped, "checkpoint.safetensors")):
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.toml").write_text("[train]\n")
+        (run / model).write_text("{}")
+    _img(stopped / "stray.png")
+    (tmp_path / "notes" / "config.toml").parent.mkdir()
+    (tmp_path / "notes" / "config.toml").write_text("x = 1\n")  # a user's, beside no model
+    _img(tmp_path / "notes" / "b.png")
+    found = find_images([tmp_path])
+    assert [f.rel for f in found.files] == ["a.png", "notes/b.png"]
+    assert sorted(found.run_folders) == sorted(map(str, (done, stopped)))
+    assert "left out 2 imgcluster run folder(s)" in (found.left_out_note() or "")
+    named = find_images([done])  # a run folder named as the input is the user's choice
+    assert [f.rel for f in named.files] == ["sheets/overview.png"]
+    assert not named.run_folders and named.left_out_note() is None
+
+
 def test_order_is_sorted_and_deterministic(tmp_path: Path) -> None:
     for name in ["z.png", "a.png", "m/b.png", "B.png"]:
         _img(tmp_path / name)
