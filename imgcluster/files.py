@@ -1,9 +1,11 @@
 """Step 1: find the image files named by files, folders and glob patterns.
 
 Folders are walked recursively, hidden files and folders are skipped, and so are
-imgcluster's own run folders met inside an input (their contact sheets are not
-photos: ``train .`` run twice in a photo folder would otherwise learn from the
-first run's ``runs/``); symbolic links are followed without looping, the same
+folders imgcluster wrote met inside an input: run folders (their contact sheets
+are not photos: ``train .`` run twice in a photo folder would otherwise learn
+from the first run's ``runs/``) and exports whose every source image still
+exists (copies or links of images found elsewhere; a ``move`` export holds the
+only copies and is walked); symbolic links are followed without looping, the same
 file (device and inode) reached twice is listed once, and the result is sorted by
 the path relative to one common root so every run sees the same order. One
 ``stat`` per file: its size and mtime are kept for the decode cache.
@@ -43,20 +45,20 @@ class ImageList:
     root: Path
     files: list[ImageFile]
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    run_folders: list[str] = field(default_factory=list)  # left out: imgcluster's own output
+    left_out: list[str] = field(default_factory=list)  # folders imgcluster wrote (run, export)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def left_out_note(self) -> str | None:
-        """One line saying which run folders the walk left out, if any."""
-        if not self.run_folders:
+        """One line saying which folders the walk left out, if any."""
+        if not self.left_out:
             return None
-        n = len(self.run_folders)
-        first = show_path(os.path.normpath(self.run_folders[0]))
+        n = len(self.left_out)
+        first = show_path(os.path.normpath(self.left_out[0]))
         return (
-            f"left out {n} imgcluster run folder(s) inside the input "
-            f"(e.g. {first}); name one to use its images"
+            f"left out {n} folder(s) imgcluster wrote inside the input (runs, exports of "
+            f"images still in place; e.g. {first}); name one to use its images"
         )
 
 
@@ -66,6 +68,35 @@ def is_run_folder(path: str) -> bool:
         os.path.isfile(os.path.join(path, name))
         for name in ("model.json", "checkpoint.safetensors")
     )
+
+
+def is_copied_export(path: str) -> bool:
+    """A folder ``export`` wrote (its labels.csv or labels.json with a ``source`` column)
+    whose every source image still exists: it only holds copies or links of them."""
+    sources = _export_sources(path)
+    return bool(sources) and all(os.path.exists(s) for s in sources)
+
+
+def _export_sources(folder: str) -> list[str]:
+    """The ``source`` column of ``folder``'s export labels file; empty if it has none."""
+    import csv
+    import json
+
+    try:
+        if os.path.isfile(csv_file := os.path.join(folder, "labels.csv")):
+            with open(csv_file, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+                reader = csv.reader(fh)
+                if next(reader, [])[:5] != ["path", "cluster", "confidence", "distance", "source"]:
+                    return []
+                return [row[4] for row in reader if len(row) > 4]
+        if os.path.isfile(json_file := os.path.join(folder, "labels.json")):
+            with open(json_file, encoding="utf-8") as fh:
+                rows = json.load(fh)
+            ok = isinstance(rows, list) and all(isinstance(r, dict) and "source" in r for r in rows)
+            return [str(r["source"]) for r in rows] if ok else []
+    except (OSError, ValueError):  # unreadable or not an export's: the folder is walked
+        return []
+    return []
 
 
 def is_image_name(name: str) -> bool:
@@ -89,7 +120,7 @@ def find_images(inputs: Sequence[str | Path]) -> ImageList:
         rel = os.path.relpath(os.path.abspath(start), root)
         walk.start(start, "" if rel == "." else rel.replace(os.sep, "/"))
     files = sorted(walk.found.values(), key=lambda f: f.rel)
-    return ImageList(root=root, files=files, skipped=walk.skipped, run_folders=walk.run_folders)
+    return ImageList(root=root, files=files, skipped=walk.skipped, left_out=walk.left_out)
 
 
 def _expand(item: str) -> list[str]:
@@ -119,7 +150,7 @@ class _Walk:
     def __init__(self) -> None:
         self.found: dict[tuple[int, int], ImageFile] = {}
         self.skipped: list[tuple[str, str]] = []
-        self.run_folders: list[str] = []
+        self.left_out: list[str] = []
         self._dirs: set[tuple[int, int]] = set()
 
     def start(self, path: str, rel: str) -> None:
@@ -174,8 +205,9 @@ class _Walk:
                     self.skipped.append((entry.path, "broken symbolic link"))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                if is_run_folder(entry.path):  # a named input folder is never left out
-                    self.run_folders.append(entry.path)
+                # a named input folder is never left out
+                if is_run_folder(entry.path) or is_copied_export(entry.path):
+                    self.left_out.append(entry.path)
                 else:
                     yield entry.name, entry.path, st
             else:

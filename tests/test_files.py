@@ -44,7 +44,7 @@ def test_hidden_files_and_folders_are_skipped(tmp_path: Path) -> None:
     assert [f.rel for f in find_images([tmp_path]).files] == ["ok.png"]
 
 
-def test_run_folders_inside_an_input_are_left_out(tmp_path: Path) -> None:
+def test_folders_imgcluster_wrote_inside_an_input_are_left_out(tmp_path: Path) -> None:
     _img(tmp_path / "a.png")
     done, stopped = tmp_path / "runs" / "photos-adc", tmp_path / "runs" / "photos-adc-2"
     _img(done / "sheets" / "overview.png")  # a finished run's contact sheet
@@ -56,13 +56,20 @@ def test_run_folders_inside_an_input_are_left_out(tmp_path: Path) -> None:
     (tmp_path / "notes" / "config.toml").parent.mkdir()
     (tmp_path / "notes" / "config.toml").write_text("x = 1\n")  # a user's, beside no model
     _img(tmp_path / "notes" / "b.png")
+    copied, moved = tmp_path / "sorted", tmp_path / "moved"  # two exports inside the input
+    for export, source in ((copied, tmp_path / "a.png"), (moved, tmp_path / "gone.png")):
+        _img(export / "cluster_00" / "a.png")
+        (export / "labels.csv").write_text(
+            f"path,cluster,confidence,distance,source\ncluster_00/a.png,0,1,0,{source}\n"
+        )
     found = find_images([tmp_path])
-    assert [f.rel for f in found.files] == ["a.png", "notes/b.png"]
-    assert sorted(found.run_folders) == sorted(map(str, (done, stopped)))
-    assert "left out 2 imgcluster run folder(s)" in (found.left_out_note() or "")
+    # the copy export only repeats a.png; the move export holds the only copy of its image
+    assert [f.rel for f in found.files] == ["a.png", "moved/cluster_00/a.png", "notes/b.png"]
+    assert sorted(found.left_out) == sorted(map(str, (done, stopped, copied)))
+    assert "left out 3 folder(s) imgcluster wrote" in (found.left_out_note() or "")
     named = find_images([done])  # a run folder named as the input is the user's choice
     assert [f.rel for f in named.files] == ["sheets/overview.png"]
-    assert not named.run_folders and named.left_out_note() is None
+    assert not named.left_out and named.left_out_note() is None
 
 
 def test_order_is_sorted_and_deterministic(tmp_path: Path) -> None:
