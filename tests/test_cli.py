@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_full_cycle_through_the_cli(trained: Path, toy: Path, tmp_path: Path) ->
     )
     assert exported.exit_code == 0, exported.output
     assert len(json.loads((tmp_path / "sorted" / "labels.json").read_text())) == 36
+
+
+def test_train_again_in_the_photo_folder_sees_only_the_photos(toy: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"  # `cd photos; imgcluster train . ...` puts runs/ inside it
+    shutil.copytree(toy, photos)
+    first = run("train", photos, "-k", 3, "--runs-dir", photos / "runs", "--quiet")
+    assert first.exit_code == 0, first.output
+    labels = next((photos / "runs").glob("*/labels.csv"))
+    assert run("export", labels, "--to", photos / "sorted", "--quiet").exit_code == 0
+    again = run("train", photos, "-k", 3, "--runs-dir", photos / "runs", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["images"] == 36  # not the contact sheets, not the copies
+    assert "left out 2 folder(s) imgcluster wrote" in again.stderr
 
 
 def test_assign_reads_paths_from_stdin(trained: Path, toy: Path) -> None:
