@@ -109,7 +109,7 @@ def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str 
     table = _read_truth(path)
     key_of = {_key(labels.root, p): i for i, p in enumerate(labels.paths)}
     for i, p in enumerate(labels.sources or []):  # an export's: the originals' paths count too
-        key_of.setdefault(os.path.normpath(p), i)
+        key_of.setdefault(_key(labels.root, p), i)
     unknown = [p for p in table if _key(labels.root, p) not in key_of]
     if unknown:
         raise UsageError(

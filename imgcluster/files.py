@@ -73,30 +73,10 @@ def is_run_folder(path: str) -> bool:
 def is_copied_export(path: str) -> bool:
     """A folder ``export`` wrote (its labels.csv or labels.json with a ``source`` column)
     whose every source image still exists: it only holds copies or links of them."""
-    sources = _export_sources(path)
+    from .labels import export_sources  # only for folders met in a walk
+
+    sources = export_sources(Path(path))
     return bool(sources) and all(os.path.exists(s) for s in sources)
-
-
-def _export_sources(folder: str) -> list[str]:
-    """The ``source`` column of ``folder``'s export labels file; empty if it has none."""
-    import csv
-    import json
-
-    try:
-        if os.path.isfile(csv_file := os.path.join(folder, "labels.csv")):
-            with open(csv_file, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-                reader = csv.reader(fh)
-                if next(reader, [])[:5] != ["path", "cluster", "confidence", "distance", "source"]:
-                    return []
-                return [row[4] for row in reader if len(row) > 4]
-        if os.path.isfile(json_file := os.path.join(folder, "labels.json")):
-            with open(json_file, encoding="utf-8") as fh:
-                rows = json.load(fh)
-            ok = isinstance(rows, list) and all(isinstance(r, dict) and "source" in r for r in rows)
-            return [str(r["source"]) for r in rows] if ok else []
-    except (OSError, ValueError):  # unreadable or not an export's: the folder is walked
-        return []
-    return []
 
 
 def is_image_name(name: str) -> bool:

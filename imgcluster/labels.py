@@ -130,14 +130,38 @@ def read_labels(path: Path, root: Path | None = None) -> Labels:
     """
     path = labels_path(path)
     try:
-        rows = _read_json_rows(path) if path.suffix.lower() == ".json" else _read_csv_rows(path)
+        rows = _read_rows(path)
     except FileNotFoundError:
         raise UsageError(f"{show_path(path)}: labels file not found") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{show_path(path)}: cannot read labels ({exc})") from None
-    exported = bool(rows) and all(len(row) > len(COLUMNS) for _, row in rows)
-    root = root or run_root(path.parent) or (path.parent if exported else Path.cwd())
-    return _to_labels(rows, path, root, exported)
+    sources = _sources(rows)
+    root = root or run_root(path.parent) or (path.parent if sources else Path.cwd())
+    return _to_labels(rows, path, root, sources)
+
+
+def export_sources(folder: Path) -> list[str]:
+    """The ``source`` column of the labels file ``export`` wrote into ``folder``
+    (labels.csv, else labels.json); empty when there is none or it is not an export's."""
+    for name in ("labels.csv", "labels.json"):
+        path = Path(folder, name)
+        if path.is_file():
+            try:
+                return _sources(_read_rows(path)) or []
+            except (OSError, ValueError):  # unreadable or not a labels file
+                return []
+    return []
+
+
+def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    return _read_json_rows(path) if path.suffix.lower() == ".json" else _read_csv_rows(path)
+
+
+def _sources(rows: list[tuple[int, list[str]]]) -> list[str] | None:
+    """Each row's ``source`` (the fifth field) when every row has one: an export's labels."""
+    if rows and all(len(row) > len(COLUMNS) for _, row in rows):
+        return [str(row[len(COLUMNS)]) for _, row in rows]
+    return None
 
 
 def run_root(folder: Path) -> Path | None:
@@ -177,7 +201,9 @@ def _read_json_rows(path: Path) -> list[tuple[int, list[str]]]:
     return [(i, [r[c] for c in keys]) for i, r in enumerate(data, start=1)]
 
 
-def _to_labels(rows: list[tuple[int, list[str]]], path: Path, root: Path, exported: bool) -> Labels:
+def _to_labels(
+    rows: list[tuple[int, list[str]]], path: Path, root: Path, sources: list[str] | None
+) -> Labels:
     paths, cluster, conf, dist = [], [], [], []
     for line, row in rows:
         try:
@@ -197,5 +223,5 @@ def _to_labels(rows: list[tuple[int, list[str]]], path: Path, root: Path, export
         np.array(conf, dtype=np.float32),
         np.array(dist, dtype=np.float32),
         root,
-        [str(row[4]) for _, row in rows] if exported else None,
+        sources,
     )
