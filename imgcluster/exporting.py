@@ -4,7 +4,10 @@ Nothing is ever overwritten: a name already taken gets a ``-1``, ``-2``... suffi
 unless it already holds this very image (the same bytes for ``copy``, a link to it for
 ``link``/``hardlink``, the file itself for ``move``): then the image counts as already there,
 so an export re-run after a kill, or repeated into the same folder, places only what is
-missing instead of doubling the folder.
+missing instead of doubling the folder. A ``move`` notes each source and its target in
+``TO/.imgcluster-moves.jsonl`` before moving it (removed once the labels file is written), so a
+re-run after a kill, or of a finished move export, finds the images it already moved instead
+of reporting their sources as gone.
 Files appear under their final name only whole (copies are written to a
 temporary name first), and ``move`` renames each file in one atomic step on the
 same file system, so a killed export leaves every image either in its source or
@@ -17,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import filecmp
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from .atomic import atomic_open
 from .errors import UsageError
-from .labels import COLUMNS, read_labels
+from .labels import COLUMNS, Labels, export_placements, read_labels
 from .report import Reporter, show_path
 
 MODES = ("copy", "link", "hardlink", "move")
@@ -62,21 +66,18 @@ def export(
     labels = read_labels(Path(labels_file), root)
     to = Path(to)
     _make_dir(to)
-    if sheets:  # drawn from the sources, before a move takes them away
-        from .sheets import write_sheets
-
-        write_sheets(labels, to / "sheets", reporter=reporter)
     width = max(2, len(str(int(labels.cluster.max(initial=0)))))
     rows: list[tuple[str, int, float, float, str]] = []
     skipped: list[tuple[str, str]] = []
     taken: set[Path] = set()  # targets this export has filled: two sources never share one
     reused = 0
+    moves = MoveLog(to) if mode == "move" else None
     with reporter.task(f"exporting ({mode})", total=len(labels)) as bar:
         for i, name in enumerate(labels.paths):
             src = labels.resolve(name)
             folder = to / f"cluster_{labels.cluster[i]:0{width}d}"
             try:
-                placed, found = place(src, folder, mode, taken)
+                placed, found = place(src, folder, mode, taken, moves)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 skipped.append((str(src), reason))
@@ -94,17 +95,34 @@ def export(
                 )
             bar.advance()
     out = _write_export_labels(to, rows, fmt)
+    if moves is not None:
+        moves.close()
+    if sheets:  # drawn from the exported copies: a move's sources are gone
+        from .sheets import write_sheets
+
+        write_sheets(_placed_labels(to, rows), to / "sheets", reporter=reporter)
     return ExportResult(to, out, len(rows), skipped, reused)
 
 
-def place(src: Path, folder: Path, mode: str, taken: set[Path] | None = None) -> tuple[Path, bool]:
+def place(
+    src: Path,
+    folder: Path,
+    mode: str,
+    taken: set[Path] | None = None,
+    moves: MoveLog | None = None,
+) -> tuple[Path, bool]:
     """Put ``src`` into ``folder`` under its own name or the first free suffixed one; return
     the target and whether ``src`` was already there (a name in ``taken`` is never reused,
-    and the target is added to it)."""
+    and the target is added to it). ``moves`` records a move before it happens and knows
+    where earlier runs moved their sources."""
+    taken = set() if taken is None else taken
+    earlier = moves.earlier(src, taken) if moves is not None else None
+    if earlier is not None:
+        taken.add(earlier)
+        return earlier, True
     if not src.is_file():
         raise OSError(errno.ENOENT, "not found" if not src.exists() else "not a regular file")
     folder.mkdir(parents=True, exist_ok=True)
-    taken = set() if taken is None else taken
     for target in _candidates(folder, src.name):
         if not os.path.lexists(target):
             break
@@ -114,6 +132,8 @@ def place(src: Path, folder: Path, mode: str, taken: set[Path] | None = None) ->
     tmp = _staged_copy(src, folder) if mode == "copy" else None
     try:
         for target in _candidates(folder, src.name):
+            if moves is not None:
+                moves.note(src, target)
             try:
                 _put(src, tmp, target, mode)
                 taken.add(target)
@@ -124,6 +144,75 @@ def place(src: Path, folder: Path, mode: str, taken: set[Path] | None = None) ->
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+class MoveLog:
+    """Where ``move`` exports into ``to`` put their sources: the labels files of finished
+    ones, and ``to/.imgcluster-moves.jsonl``, a line per move written before the move (so a
+    kill at any point leaves the last line of a source naming where it is, or was going)."""
+
+    NAME = ".imgcluster-moves.jsonl"
+
+    def __init__(self, to: Path) -> None:
+        self.to = to
+        self.path = to / self.NAME
+        self.known: dict[str, Path] = {}
+        found = [*to.glob("labels*.csv"), *to.glob("labels*.json")]
+        for labels in sorted(found, key=lambda f: f.stat().st_mtime):  # the newest says last
+            for src, placed in export_placements(labels).items():
+                self.known[src] = to / placed
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.known[entry["source"]] = to / entry["target"]
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    continue
+        self.fh = None
+
+    def earlier(self, src: Path, taken: set[Path]) -> Path | None:
+        """Where an earlier move put ``src``, if its image is there and ``src`` is gone
+        (or is the same bytes: a move across file systems killed before deleting it)."""
+        target = self.known.get(str(src.absolute()))
+        if target is None or target in taken or target.is_symlink() or not target.is_file():
+            return None
+        if os.path.lexists(src):
+            if not (src.is_file() and _same_bytes(src, target)) or os.path.samefile(src, target):
+                return None
+            src.unlink()  # finish that move
+        return target
+
+    def note(self, src: Path, target: Path) -> None:
+        if self.fh is None:
+            self.fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        rel = target.relative_to(self.to).as_posix()
+        self.fh.write(json.dumps({"source": str(src.absolute()), "target": rel}) + "\n")
+        self.fh.flush()  # in the OS's hands: a killed process cannot lose it
+
+    def close(self) -> None:
+        """The labels file is written: it now says where everything went."""
+        if self.fh is not None:
+            self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _placed_labels(to: Path, rows: list[tuple[str, int, float, float, str]]) -> Labels:
+    import numpy as np
+
+    return Labels(
+        [r[0] for r in rows],
+        np.array([r[1] for r in rows], dtype=np.int64),
+        np.array([r[2] for r in rows], dtype=np.float32),
+        np.array([r[3] for r in rows], dtype=np.float32),
+        to,
+    )
 
 
 def _holds(target: Path, src: Path, mode: str) -> bool:
@@ -137,7 +226,7 @@ def _holds(target: Path, src: Path, mode: str) -> bool:
             return target.parent.resolve() / target.name == src.parent.resolve() / src.name
         if mode == "hardlink":
             return os.path.samefile(target, src)
-        return filecmp.cmp(target, src, shallow=False)
+        return _same_bytes(target, src)
     except OSError:  # unreadable: treat the name as taken by something else
         return False
 

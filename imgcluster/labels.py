@@ -153,6 +153,17 @@ def export_sources(folder: Path) -> list[str]:
     return []
 
 
+def export_placements(path: Path) -> dict[str, str]:
+    """Source → placed path (relative to the file's folder) from the labels file ``export``
+    wrote at ``path``; empty when it cannot be read or is not an export's."""
+    try:
+        rows = _read_rows(path)
+    except (OSError, ValueError):
+        return {}
+    sources = _sources(rows) or []
+    return {src: str(row[0]) for src, (_, row) in zip(sources, rows, strict=False)}
+
+
 def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
     return _read_json_rows(path) if path.suffix.lower() == ".json" else _read_csv_rows(path)
 

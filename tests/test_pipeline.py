@@ -213,6 +213,52 @@ def test_export_again_places_only_what_is_missing(tmp_path: Path, mode: str) -> 
     assert sorted(p.name for p in out.glob("labels*")) == ["labels-1.csv", "labels.csv"]
 
 
+def _six_images(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    src = tmp_path / "src"
+    for sub in ("a", "b"):
+        (src / sub).mkdir(parents=True)
+        for i in range(3):
+            (src / sub / f"p{i}.png").write_bytes(f"{sub}{i}".encode())
+    labels = tmp_path / "labels.csv"
+    rows = [f"{s}/p{i}.png,{i % 2},1,0\n" for s in "ab" for i in range(3)]
+    labels.write_text("path,cluster,confidence,distance\n" + "".join(rows))
+    return src, labels, {str(p.absolute()): p.read_bytes() for p in src.rglob("*.png")}
+
+
+def test_a_move_export_cut_short_finishes_on_a_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imgcluster.exporting as exporting
+
+    src, labels, before = _six_images(tmp_path)
+    out, real, calls = tmp_path / "out", exporting._move, []
+
+    def killed(source: Path, target: Path) -> None:  # as if killed during the fourth move
+        calls.append(source)
+        if len(calls) == 3:  # across file systems: copied and renamed, source not yet deleted
+            target.write_bytes(source.read_bytes())
+        if len(calls) >= 3:
+            raise KeyboardInterrupt
+        real(source, target)
+
+    monkeypatch.setattr(exporting, "_move", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(labels, out, root=src, mode="move")
+    monkeypatch.undo()
+    assert len(list(src.rglob("*.png"))) == 4 and len(list(out.rglob("*.png"))) == 3
+    with open(out / ".imgcluster-moves.jsonl", "a") as fh:
+        fh.write('{"source": "/cut sh')  # a line the kill cut short is ignored
+    second = export(labels, out, root=src, mode="move")
+    assert (second.exported, second.already_there, second.skipped) == (6, 3, [])
+    assert not list(src.rglob("*.png")) and not (out / ".imgcluster-moves.jsonl").exists()
+    placed = {r["source"]: out / r["path"] for r in _rows(second.labels_file)}
+    assert sorted(placed) == sorted(before) and len(list(out.rglob("*.png"))) == 6
+    assert all(placed[s].read_bytes() == data for s, data in before.items())
+    third = export(labels, out, root=src, mode="move")  # a finished move, run again
+    assert (third.exported, third.already_there, third.skipped) == (6, 6, [])
+    assert third.labels_file == second.labels_file and len(list(out.rglob("*.png"))) == 6
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_evaluating_an_export_scores_the_original_folders(tmp_path: Path, fmt: str) -> None:
     src = tmp_path / "src"

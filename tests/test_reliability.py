@@ -316,21 +316,9 @@ def test_sigkill_during_export_move_keeps_every_image_exactly_once(tmp_path: Pat
     for i in range(5):
         source, target = tmp_path / f"src{i}", tmp_path / f"sorted{i}"
         shutil.copytree(pristine, source)
-        proc = subprocess.Popen(
-            [
-                *EXE,
-                "export",
-                run / "labels.csv",
-                "--root",
-                source,
-                "--to",
-                target,
-                "--mode",
-                "move",
-                "-q",
-            ],
-            stderr=subprocess.DEVNULL,
-        )
+        command = [*EXE, "export", run / "labels.csv", "--root", source, "--to", target]
+        command += ["--mode", "move", "-q"]
+        proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         while proc.poll() is None and not any(target.glob("cluster_*/*.png")):
             time.sleep(0.002)  # kill only once the moving has started...
         time.sleep(rnd.uniform(0, 0.1))  # ...somewhere inside it
@@ -340,4 +328,12 @@ def test_sigkill_during_export_move_keeps_every_image_exactly_once(tmp_path: Pat
         assert sorted(p.name for p in here) == sorted(before), f"kill {i}: lost or doubled files"
         assert all(hashlib.sha256(p.read_bytes()).hexdigest() == before[p.name] for p in here)
         midway += 0 < len(list(source.rglob("*.png"))) < len(before)
+        # the same command again finishes the job: every image moved once, labelled once
+        again = subprocess.run(command, capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
+        assert not list(source.rglob("*.png")) and _digests(target) == before
+        sources = read_labels(target / "labels.csv").sources or []
+        assert sorted(sources) == sorted(
+            str(source / p.relative_to(pristine)) for p in pristine.rglob("*.png")
+        )
     assert midway >= 2  # the kills really landed inside the export

@@ -60,3 +60,8 @@ def test_export_sheets_survive_a_move(toy: Path, tmp_path: Path) -> None:
     overview = np.asarray(Image.open(tmp_path / "sorted" / "sheets" / "overview.png").convert("L"))
     assert overview.std() > 10  # real thumbnails, not grey placeholders
     assert len(read_labels(tmp_path / "sorted" / "labels.csv")) == 36
+    # the same move again, sources gone: the sheets are still drawn from the moved images
+    again = export(run / "labels.csv", tmp_path / "sorted", mode="move", sheets=True)
+    assert (again.already_there, again.skipped) == (36, [])
+    redrawn = np.asarray(Image.open(tmp_path / "sorted" / "sheets" / "overview.png").convert("L"))
+    assert np.array_equal(redrawn, overview)
