@@ -171,15 +171,19 @@ class MoveLog:
         self.fh = None
 
     def earlier(self, src: Path, taken: set[Path]) -> Path | None:
-        """Where an earlier move put ``src``, if its image is there and ``src`` is gone
-        (or is the same bytes: a move across file systems killed before deleting it)."""
+        """Where an earlier export put ``src``, if its image is there and ``src`` is gone,
+        or still there as the same file or bytes (a move across file systems killed before
+        deleting it, or an earlier copy or hardlink export): then ``src`` is deleted, as the
+        move would have."""
         target = self.known.get(str(src.absolute()))
         if target is None or target in taken or target.is_symlink() or not target.is_file():
             return None
         if os.path.lexists(src):
-            if not (src.is_file() and _same_bytes(src, target)) or os.path.samefile(src, target):
+            if src.is_symlink() or not src.is_file() or src.resolve() == target.resolve():
                 return None
-            src.unlink()  # finish that move
+            if not (os.path.samefile(src, target) or _same_bytes(src, target)):
+                return None
+            src.unlink()  # the image is whole at its target: finish the move
         return target
 
     def note(self, src: Path, target: Path) -> None:

@@ -259,6 +259,17 @@ def test_a_move_export_cut_short_finishes_on_a_rerun(
     assert third.labels_file == second.labels_file and len(list(out.rglob("*.png"))) == 6
 
 
+def test_a_move_after_a_hardlink_export_keeps_one_file_each(tmp_path: Path) -> None:
+    src, labels, before = _six_images(tmp_path)
+    out = tmp_path / "out"
+    export(labels, out, root=src, mode="hardlink")
+    moved = export(labels, out, root=src, mode="move")
+    assert (moved.exported, moved.already_there, moved.skipped) == (6, 6, [])
+    assert not list(src.rglob("*.png")) and len(list(out.rglob("*.png"))) == 6
+    placed = {r["source"]: out / r["path"] for r in _rows(moved.labels_file)}
+    assert all(placed[s].read_bytes() == data for s, data in before.items())
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_evaluating_an_export_scores_the_original_folders(tmp_path: Path, fmt: str) -> None:
     src = tmp_path / "src"
