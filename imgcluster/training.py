@@ -43,6 +43,7 @@ class TrainResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # find, decode, fit, label, write
     auto_k: dict[str, Any] | None = None  # the K search, when --k auto
+    left_out: list[str] = field(default_factory=list)  # runs/exports met in the input, unwalked
 
 
 def train(
@@ -125,9 +126,11 @@ def train(
         raise
     run = resumed or RunFolder.create(out, runs_dir, run_name(found.root, job.method), force)
     feature_cache = (cache_dir or cache.default_cache_dir()) if use_cache else None
-    return _fit_and_write(
+    result = _fit_and_write(
         job, decoded, run, resumed is not None, sheets, reporter, clock, feature_cache
     )
+    result.left_out = list(found.left_out)
+    return result
 
 
 def _resumed_job(

@@ -71,7 +71,9 @@ def test_train_again_in_the_photo_folder_sees_only_the_photos(toy: Path, tmp_pat
     assert run("export", labels, "--to", photos / "sorted", "--quiet").exit_code == 0
     again = run("train", photos, "-k", 3, "--runs-dir", photos / "runs", "--json")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout)["images"] == 36  # not the contact sheets, not the copies
+    summary = json.loads(again.stdout)
+    assert summary["images"] == 36  # not the contact sheets, not the copies
+    assert sorted(Path(p).name for p in summary["left_out"]) == [labels.parent.name, "sorted"]
     assert "left out 2 folder(s) imgcluster wrote" in again.stderr
 
 
