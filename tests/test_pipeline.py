@@ -233,9 +233,9 @@ def test_a_move_export_cut_short_finishes_on_a_rerun(
     src, labels, before = _six_images(tmp_path)
     out, real, calls = tmp_path / "out", exporting._move, []
 
-    def killed(source: Path, target: Path) -> None:  # as if killed during the fourth move
+    def killed(source: Path, target: Path) -> None:  # two moves, then a kill in the third:
         calls.append(source)
-        if len(calls) == 3:  # across file systems: copied and renamed, source not yet deleted
+        if len(calls) == 3:  # across file systems, copied and renamed, source not yet deleted
             target.write_bytes(source.read_bytes())
         if len(calls) >= 3:
             raise KeyboardInterrupt
