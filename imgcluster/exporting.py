@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .atomic import atomic_open
 from .errors import UsageError
 from .labels import COLUMNS, Labels, export_placements, read_labels
@@ -208,8 +210,6 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def _placed_labels(to: Path, rows: list[tuple[str, int, float, float, str]]) -> Labels:
-    import numpy as np
-
     return Labels(
         [r[0] for r in rows],
         np.array([r[1] for r in rows], dtype=np.int64),

@@ -146,10 +146,7 @@ def export_sources(folder: Path) -> list[str]:
     for name in ("labels.csv", "labels.json"):
         path = Path(folder, name)
         if path.is_file():
-            try:
-                return _sources(_read_rows(path)) or []
-            except (OSError, ValueError):  # unreadable or not a labels file
-                return []
+            return list(export_placements(path))
     return []
 
 
@@ -158,7 +155,7 @@ def export_placements(path: Path) -> dict[str, str]:
     wrote at ``path``; empty when it cannot be read or is not an export's."""
     try:
         rows = _read_rows(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # unreadable or not a labels file
         return {}
     sources = _sources(rows) or []
     return {src: str(row[0]) for src, (_, row) in zip(sources, rows, strict=False)}
