@@ -15,8 +15,8 @@ issue=${1:?usage: bash benchmarks/gpu_prepare.sh ISSUE ($modes)}
 cd "$(dirname "$0")/.."
 shared=../shared/data
 case "$issue" in
-  4) data=(mnist.npz) ;;
-  speed|speed-all|5|5-cifar10|6) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
+  4|speed|speed-all) data=(mnist.npz) ;;
+  5|5-cifar10|6) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
   4-fmnist|4-aecm-authors) data=(fashion_mnist.npz) ;;
   9) data=(cifar10-jpeg.tar.xz) ;;
   *) echo "gpu_prepare.sh: no GPU check for issue $issue ($modes)" >&2; exit 2 ;;
