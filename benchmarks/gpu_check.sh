@@ -148,6 +148,13 @@ case "$issue" in
       --seeds 1
     check mmdc-cifar10 290 --dataset cifar10 --method mmdc --seeds 1 --epochs 50 --compile
     ;;
+  6-cifar10)  # MMDC on colour images only (MNIST done): the 200-image folder's fill, then
+    # CIFAR-10's rate per epoch (compiled; the log's epochs say how far it got when cut)
+    materialise cifar10
+    check mmdc-cifar10-200 60 --dataset cifar10 --method mmdc --protocol dev --dev-per-class 20 \
+      --seeds 1
+    check mmdc-cifar10 "$(left)" --dataset cifar10 --method mmdc --seeds 1 --epochs 50 --compile
+    ;;
   9)  # pretrained features: extraction img/s, a 10k-image run end to end under 60 s
     materialise cifar10
     check kmeans-effnet-cifar10 150 --dataset cifar10 --protocol test --method kmeans \

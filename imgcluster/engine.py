@@ -168,7 +168,23 @@ def make_optimizer(
         options.setdefault("fused", True)
         if capturable and kind != "sgd":
             options["capturable"] = True
-    return classes[kind](params, lr=lr, **options)
+    opt = classes[kind](params, lr=lr, **options)
+    if kind == "sgd" and options.get("fused") and options.get("momentum", 0):
+        _start_momentum(opt)
+    return opt
+
+
+def _start_momentum(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter a zero momentum buffer before the first step. PyTorch's fused SGD
+    refuses a step in which some parameters with gradients have a buffer and others not yet
+    (``expected Tensor ... but got NoneType``): MMDC's rotation and clustering steps share one
+    optimiser but train different heads, so its first clustering step on the GPU failed. With
+    no dampening a zero buffer gives the same update as none (``buf = grad`` either way)."""
+    for group in opt.param_groups:
+        if group["dampening"]:
+            raise ValueError("fused SGD with momentum here needs dampening=0")
+        for p in group["params"]:
+            opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 class GraphedStep:

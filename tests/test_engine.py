@@ -113,6 +113,31 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
 
 
+def test_fused_sgd_steps_when_the_heads_take_turns() -> None:
+    """MMDC's rotation and clustering steps share one SGD but train different heads: the fused
+    SGD (the GPU's) must take a step where only some parameters already have momentum, and
+    give the plain SGD's numbers."""
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    twins = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    for twin, head in zip(twins, heads, strict=True):
+        twin.load_state_dict(head.state_dict())
+    cpu = torch.device("cpu")
+
+    def sgd(nets: list[torch.nn.Linear], **fused: bool) -> torch.optim.Optimizer:
+        params = [p for net in nets for p in net.parameters()]
+        return engine.make_optimizer("sgd", params, 0.1, cpu, momentum=0.9, **fused)
+
+    fused, plain = sgd(heads, fused=True), sgd(twins)
+    x = torch.randn(8, 3)
+    for turns in ([0], [0, 1], [1], [0, 1]):
+        for nets, opt in ((heads, fused), (twins, plain)):
+            engine.optimizer_step(opt, sum(nets[i](x).square().sum() for i in turns))
+    for twin, head in zip(twins, heads, strict=True):
+        assert torch.allclose(twin.weight, head.weight, atol=1e-6)
+        assert torch.allclose(twin.bias, head.bias, atol=1e-6)
+
+
 def test_deep_method_logs_every_epoch(toy: Path, tmp_path: Path) -> None:
     result = train([toy], 3, method="toy-ae", out=tmp_path / "run")
     log = [
