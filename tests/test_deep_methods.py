@@ -386,6 +386,8 @@ def test_adc_rejects_bad_settings() -> None:
         adc.ADC(3, adc.ADCConfig(visit_weight=-1.0))
     with pytest.raises(UsageError, match="steps"):
         adc.ADC(3, adc.ADCConfig(steps=0))
+    with pytest.raises(UsageError, match="order"):
+        adc.ADC(3, adc.ADCConfig(order="shuffled"))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="reg_warmup_steps"):  # longer than the recipe's run
         adc.ADC(3, adc.ADCConfig(recipe="mnist", reg_warmup_steps=20000))
     # with the recipe left to the family, that is found when the family is known
@@ -394,14 +396,38 @@ def test_adc_rejects_bad_settings() -> None:
     assert adc.ADCConfig(reg_warmup_steps=20000).resolve(channels=3).steps == 35000
 
 
+def test_adc_reads_its_images_in_the_order_asked() -> None:
+    """epochs: every image once an epoch, whatever the rounds' boundaries (a round may span
+    two epochs); fixed: the same order every epoch; rounds: each round its own draws."""
+    data = engine.DeviceImages(
+        torch.zeros(50, 1, 2, 2, dtype=torch.uint8).numpy(), torch.device("cpu")
+    )
+
+    def stream(order: str, rounds: int, round_steps: int = 3) -> torch.Tensor:
+        cfg = adc.ADCConfig(order=order, round_steps=round_steps)  # type: ignore[arg-type]
+        parts = [adc._batches(data, 10, cfg, r * round_steps, r, 7) for r in range(rounds)]
+        return torch.cat([b for part in parts for b in part])
+
+    epochs = stream("epochs", 5)  # 15 steps of 10: three epochs of 50
+    assert all(len(set(epochs[e * 50 : (e + 1) * 50].tolist())) == 50 for e in range(3))
+    assert not torch.equal(epochs[:50], epochs[50:100])
+    assert torch.equal(stream("epochs", 3, round_steps=5), epochs)  # rounds cut it anywhere
+    fixed = stream("fixed", 5)
+    assert torch.equal(fixed[:50], fixed[50:100]) and len(set(fixed[:50].tolist())) == 50
+    rounds = stream("rounds", 5)
+    assert len(set(rounds[:30].tolist())) == 30 and not torch.equal(rounds[:50], epochs[:50])
+
+
 def test_adc_on_colour_images_trains_with_the_tf_augmentation(tmp_path: Path) -> None:
     colour = make_toy_folder(tmp_path / "colour", per_class=8, colour=True)
-    run = train([colour], 3, method="adc", params=SHORT["adc"], out=tmp_path / "run").run_dir
+    params = {**SHORT["adc"], "order": "epochs"}  # the authors' pipeline's order, as on CIFAR
+    run = train([colour], 3, method="adc", params=params, out=tmp_path / "run").run_dir
     recorded = json.loads((run / "model.json").read_text())["config"]
-    assert (recorded["recipe"], recorded["network"], recorded["augment"]) == (
+    assert (recorded["recipe"], recorded["network"], recorded["augment"], recorded["order"]) == (
         "cifar",
         "resnet20",
         "tf",
+        "epochs",
     )
     losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
     assert len(losses) >= 2 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]

@@ -229,6 +229,11 @@ class ADCConfig:
     # the code of the CIFAR command ran (see ``momentum_step``); None: the recipe's
     momentum_step: bool | None = None
     round_steps: int = 100  # steps per logged (and checkpointed) round
+    # which images each step takes (see ``_batches``): rounds: each round from a fresh
+    # permutation; epochs: every image once an epoch, a new order each epoch (the authors'
+    # input pipeline with reshuffling); fixed: one order for every epoch (TF 1.2/1.3's
+    # seeded shuffle before repeat, which their CIFAR-10 command most likely ran with)
+    order: Literal["rounds", "epochs", "fixed"] = "rounds"
     cuda_graphs: bool = True  # on the GPU, replay each step as one CUDA graph (same arithmetic)
 
     def resolve(self, channels: int) -> ADCConfig:
@@ -294,6 +299,8 @@ class ADCConfig:
             raise UsageError(
                 f"parameter augment must be auto, tf or torchvision, got {self.augment!r}"
             )
+        if self.order not in ("rounds", "epochs", "fixed"):
+            raise UsageError(f"parameter order must be rounds, epochs or fixed, got {self.order!r}")
         if self.lr <= 0 or self.emb_size < 0:
             raise UsageError("parameter lr must be > 0 and emb_size >= 0")
 
@@ -385,7 +392,9 @@ class ADC(Method):
                 hold_lr(opt)  # before the capture; again after a resume restored a number
             net.train()
             counts = torch.zeros(self.k, dtype=torch.int64, device=trainer.device)
-            for idx in trainer.steps(_round(data, batch, cfg.round_steps, trainer.key(r))):
+            first = first_step + r * cfg.round_steps
+            batches = _batches(data, batch, cfg, first, trainer.key(r), trainer.ctx.seed)
+            for idx in trainer.steps(batches):
                 set_lr(opt, learning_rate(first_step + r * cfg.round_steps + trainer.step, cfg))
                 terms = dict(run(idx, trainer.key(r, trainer.step)))  # the graph's own dict
                 if cluster:
@@ -517,10 +526,32 @@ def learning_rate(step: int, cfg: ADCConfig) -> float:
     return 1e-6 + cfg.lr * ramp * cfg.decay_factor ** (step // cfg.decay_steps)
 
 
-def _round(data: DeviceImages, batch: int, steps: int, key: int) -> list[torch.Tensor]:
-    """``steps`` batches drawn without replacement, a new permutation whenever one runs out."""
-    need, parts, i = batch * steps, [], 0
-    while sum(len(p) for p in parts) < need:
-        parts.append(data.epoch(data.n, rng.key(key, i), drop_last=False)[0])
-        i += 1
-    return list(torch.cat(parts)[:need].split(batch))
+_STREAM = rng.key(*b"adc-stream")  # the stream's permutations, apart from every phase's keys
+
+
+def _batches(
+    data: DeviceImages, batch: int, cfg: ADCConfig, first: int, key: int, seed: int
+) -> list[torch.Tensor]:
+    """The batches of one round: steps ``first`` to ``first + round_steps - 1`` of the run.
+
+    ``order`` rounds: drawn without replacement from permutations keyed by the round (``key``),
+    a new one whenever one runs out, so an image is seen about as often as any other but not
+    exactly once an epoch. epochs and fixed: warm-up and clustering read one stream of images,
+    as the authors' input pipeline: step s takes images ``s·batch`` to ``(s+1)·batch − 1`` of
+    it, and epoch e of the stream is a permutation keyed by the seed and e (epochs) or the
+    same permutation every time (fixed); resumable, since it depends on ``first`` only."""
+    n, need = data.n, batch * cfg.round_steps
+
+    def perm(k: int) -> torch.Tensor:
+        return rng.permutation(n, k, data.index_device)
+
+    if cfg.order == "rounds":
+        stream = torch.cat([perm(rng.key(key, i)) for i in range(-(-need // n))])
+        return list(stream[:need].split(batch))
+    start = first * batch
+    epochs = range(start // n, (start + need - 1) // n + 1)
+    stream = torch.cat(
+        [perm(rng.key(seed, _STREAM, 0 if cfg.order == "fixed" else e)) for e in epochs]
+    )
+    offset = start - epochs[0] * n
+    return list(stream[offset : offset + need].split(batch))
