@@ -395,7 +395,7 @@ class ADC(Method):
             first = first_step + r * cfg.round_steps
             batches = _batches(data, batch, cfg, first, trainer.key(r), trainer.ctx.seed)
             for idx in trainer.steps(batches):
-                set_lr(opt, learning_rate(first_step + r * cfg.round_steps + trainer.step, cfg))
+                set_lr(opt, learning_rate(first + trainer.step, cfg))
                 terms = dict(run(idx, trainer.key(r, trainer.step)))  # the graph's own dict
                 if cluster:
                     counts += terms.pop("pred")
