@@ -358,14 +358,14 @@ def _fit(
     """The trained model and the embeddings of the training images, seeded by the job."""
     torch.manual_seed(job.seed)
     np.random.seed(job.seed % 2**32)
-    with flush_denormals():
-        if job.backbone != "none":
-            return _fit_features(job, decoded, ctx, feature_cache, clock)
-        with precision(job.precision):
-            model = job.algo.fit(decoded.images, ctx)
-        clock.lap("fit")
-        with ctx.reporter.task("labelling", total=len(decoded.files)) as bar:
-            z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
+    flush_denormals()  # for this thread (the engine's import did it for the importing one)
+    if job.backbone != "none":
+        return _fit_features(job, decoded, ctx, feature_cache, clock)
+    with precision(job.precision):
+        model = job.algo.fit(decoded.images, ctx)
+    clock.lap("fit")
+    with ctx.reporter.task("labelling", total=len(decoded.files)) as bar:
+        z = model.embed(decoded.images, device=job.device, on_batch=bar.advance)
     return model, z
 
 
