@@ -329,6 +329,6 @@ def test_subnormals_are_flushed_in_every_cpu_thread() -> None:
         "t = torch.full((1 << 22,), 1e-39); print(((t * 1.0) == 0).float().mean().item())"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    if not torch.set_flush_denormal(False):
+    if not torch.set_flush_denormal(True):  # True: as the engine left it for the other tests
         pytest.skip("this CPU cannot flush subnormals")
     assert float(run.stdout) == 1.0
