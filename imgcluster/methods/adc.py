@@ -541,17 +541,12 @@ def _batches(
     it, and epoch e of the stream is a permutation keyed by the seed and e (epochs) or the
     same permutation every time (fixed); resumable, since it depends on ``first`` only."""
     n, need = data.n, batch * cfg.round_steps
-
-    def perm(k: int) -> torch.Tensor:
-        return rng.permutation(n, k, data.index_device)
-
     if cfg.order == "rounds":
-        stream = torch.cat([perm(rng.key(key, i)) for i in range(-(-need // n))])
-        return list(stream[:need].split(batch))
-    start = first * batch
-    epochs = range(start // n, (start + need - 1) // n + 1)
-    stream = torch.cat(
-        [perm(rng.key(seed, _STREAM, 0 if cfg.order == "fixed" else e)) for e in epochs]
-    )
-    offset = start - epochs[0] * n
+        keys, offset = [rng.key(key, i) for i in range(-(-need // n))], 0
+    else:
+        start = first * batch
+        epochs = range(start // n, (start + need - 1) // n + 1)
+        keys = [rng.key(seed, _STREAM, 0 if cfg.order == "fixed" else e) for e in epochs]
+        offset = start - epochs[0] * n
+    stream = torch.cat([rng.permutation(n, k, data.index_device) for k in keys])
     return list(stream[offset : offset + need].split(batch))
