@@ -174,6 +174,8 @@ def make_optimizer(
     opt = classes[kind](params, lr=lr, **options)
     if kind == "sgd" and options.get("fused") and options.get("momentum", 0):
         _start_momentum(opt)
+        # a checkpoint may hold buffers for some parameters only (saved before a head stepped)
+        opt.register_load_state_dict_post_hook(_start_momentum)
     return opt
 
 

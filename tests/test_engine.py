@@ -136,6 +136,14 @@ def test_fused_sgd_steps_when_the_heads_take_turns() -> None:
     for twin, head in zip(twins, heads, strict=True):
         assert torch.allclose(twin.weight, head.weight, atol=1e-6)
         assert torch.allclose(twin.bias, head.bias, atol=1e-6)
+    # resumed from a checkpoint in which one head never stepped (a fused SGD made before
+    # this fix, which gave buffers to stepped parameters only): still steps both
+    early_params = [p for net in twins for p in net.parameters()]
+    early = torch.optim.SGD(early_params, lr=0.1, momentum=0.9, fused=True)
+    engine.optimizer_step(early, twins[0](x).sum())
+    resumed = sgd(heads, fused=True)
+    resumed.load_state_dict(early.state_dict())
+    engine.optimizer_step(resumed, heads[0](x).sum() + heads[1](x).sum())
 
 
 def test_deep_method_logs_every_epoch(toy: Path, tmp_path: Path) -> None:
