@@ -167,13 +167,16 @@ def test_deep_method_logs_every_epoch(toy: Path, tmp_path: Path) -> None:
     assert set(result.timings) == {"find", "decode", "fit", "label", "write"}
 
 
-@pytest.mark.parametrize("carry", [False, True])  # a fresh optimizer per phase, or one for both
+# a fresh optimizer per phase, one Adam for both, one fused SGD for both (which has state,
+# zero momentum buffers, before its first step)
+@pytest.mark.parametrize(
+    "params", [{}, {"carry": True}, {"carry": True, "optimizer": "sgd"}], ids=str
+)
 # mid pretrain, end of pretrain, between the phases, mid cluster
 @pytest.mark.parametrize("stop_at", [3, 6, "between", 9])
 def test_an_interrupted_run_resumes_to_the_same_result(
-    toy: Path, tmp_path: Path, stop_at: int | str, carry: bool
+    toy: Path, tmp_path: Path, stop_at: int | str, params: dict[str, object]
 ) -> None:
-    params = {"carry": carry}
     straight = train([toy], 3, method="toy-ae", out=tmp_path / "straight", seed=5, params=params)
     toy_method._steps[0] = 0
     toy_method.INTERRUPT_AT.add(stop_at)

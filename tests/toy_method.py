@@ -55,6 +55,7 @@ class ToyConfig:
     batch_size: int = 8
     code: int = 4
     carry: bool = False  # one Adam through both phases (as ADC), not a fresh one per phase
+    optimizer: str = "adam"  # or "sgd": a fused SGD with momentum (MMDC's on the GPU)
 
 
 @register
@@ -73,7 +74,7 @@ class ToyAE(Method):
         view = AugmentConfig(flip=True, noise=0.02)
         steps = n // cfg.batch_size
         params = list(net.parameters()) + list(head.parameters())
-        opt = make_optimizer("adam", params if cfg.carry else net.parameters(), 1e-3, ctx.device)
+        opt = _optimizer(cfg, params if cfg.carry else list(net.parameters()), ctx.device)
         for epoch in trainer.phase("pretrain", cfg.epochs, {"adam": opt}, steps, cfg.batch_size):
             for idx in trainer.steps(data.epoch(cfg.batch_size, trainer.key(epoch))):
                 x = augment(to_float(data.take(idx)), view, trainer.key(epoch, trainer.step))
@@ -88,7 +89,7 @@ class ToyAE(Method):
                 trainer.carry_over({"adam": opt})
             z = map_batches(data, 16, net)
             head.weight.data.copy_(z[torch.linspace(0, n - 1, self.k).long()])
-        opt2 = opt if cfg.carry else make_optimizer("adam", params, 1e-3, ctx.device)
+        opt2 = opt if cfg.carry else _optimizer(cfg, params, ctx.device)
         for epoch in trainer.phase(
             "cluster", cfg.cluster_epochs, {"adam": opt2}, steps, cfg.batch_size
         ):
@@ -103,6 +104,14 @@ class ToyAE(Method):
         return ClusterModel(
             net, head.weight.detach(), "l2", Preprocessing(h, c), self.name, asdict(cfg)
         )
+
+
+def _optimizer(
+    cfg: ToyConfig, params: list[nn.Parameter], device: torch.device
+) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return make_optimizer("sgd", params, 1e-2, device, momentum=0.9, fused=True)
+    return make_optimizer("adam", params, 1e-3, device)
 
 
 def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
