@@ -534,7 +534,7 @@ class Trainer:
         epochs: int,
         optimizers: dict[str, torch.optim.Optimizer] | None = None,
         steps_per_epoch: int | None = None,
-        images_per_step: int = 0,
+        images_per_step: float = 0,
     ) -> Iterator[int]:
         """Yield the epochs of phase ``name`` still to run (none if it is finished)."""
         if name in self.done:

@@ -497,6 +497,17 @@ def test_mmdc_rotation_and_refinement_on_colour_images(tmp_path: Path) -> None:
     assert _labels(out, folder) == _labels(run / "labels.csv")
 
 
+def test_mmdc_runs_the_rotation_task_before_every_nth_epoch(tmp_path: Path) -> None:
+    folder = make_toy_folder(tmp_path / "toy", per_class=4, colour=True)
+    params = {"epochs": "5", "batch_size": "12", "refine_epoch": "-1", "rotation_every": "2"}
+    run = train([folder], 3, method="mmdc", params=params, out=tmp_path / "run").run_dir
+    log = [r for r in _log(run) if r.get("phase") == "cluster"]
+    assert ["rot" in r for r in log] == [True, False, True, False, True]
+    assert all(r["images"] == 12 * (5 if "rot" in r else 1) for r in log)
+    with pytest.raises(UsageError, match="rotation_every"):
+        mmdc.MMDC(3, mmdc.MMDCConfig(rotation_every=0))
+
+
 def test_mmdc_targets_and_reassignment() -> None:
     gen = torch.Generator().manual_seed(0)
     t = mmdc.mixture_targets(3000, 3, 0.0, gen)

@@ -185,6 +185,7 @@ class MMDCConfig:
 
     network: Literal["auto", "vgg", "resnet18"] = "auto"
     rotation: Literal["auto", "on", "off"] = "auto"  # RotNet epochs (auto: colour images)
+    rotation_every: int = 1  # a rotation epoch before every n-th clustering epoch (code: 1)
     epochs: int = 0
     milestone: int = 0  # epoch where the learning rate is multiplied by gamma
     gamma: float = 0.0
@@ -200,9 +201,10 @@ class MMDCConfig:
     cuda_graphs: bool = True  # on the GPU, replay the steps as CUDA graphs (same arithmetic)
 
     def validate(self) -> None:
-        for name in ("epochs", "milestone", "batch_size", "min_steps"):
-            if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
-                raise UsageError(f"parameter {name} must be >= {int(name == 'batch_size')}")
+        for name in ("epochs", "milestone", "batch_size", "min_steps", "rotation_every"):
+            least = int(name in ("batch_size", "rotation_every"))
+            if getattr(self, name) < least:
+                raise UsageError(f"parameter {name} must be >= {least}")
         if self.network not in ("auto", "vgg", "resnet18"):
             raise UsageError(
                 f"parameter network must be auto, vgg or resnet18, got {self.network!r}"
@@ -288,7 +290,8 @@ class MMDC(Method):
         opt: torch.optim.Optimizer,
         plan: Family,
     ) -> None:
-        """The epochs: k-means refinement when due, a rotation epoch (colour), a clustering one.
+        """The epochs: k-means refinement when due, a rotation epoch (colour; before every
+        ``rotation_every``-th), a clustering one.
 
         On the GPU with the images in its memory the steps are replayed as CUDA graphs (one
         per kind of step and learning rate): eager, the small VGG's step on MNIST ran at
@@ -297,7 +300,8 @@ class MMDC(Method):
         cfg: MMDCConfig = self.config
         batch = min(cfg.batch_size, data.n)
         steps = _steps_per_epoch(data.n, cfg.batch_size)
-        per_epoch = batch * (5 if plan.rotation else 1)  # images through the net per step
+        # images through the net per step, on average (a rotation step takes 4 views of each)
+        per_step = batch * (1 + (4 / cfg.rotation_every if plan.rotation else 0))
         graphs = cfg.cuda_graphs and data.graphable
         kinds = self._steps(trainer, step_net, net, data, opt, plan)
         runs: dict[tuple[str, float], GraphedStep] = {}
@@ -308,14 +312,15 @@ class MMDC(Method):
                 runs[kind, lr] = GraphedStep(kinds[kind], graphs)
             return runs[kind, lr]
 
-        for epoch in trainer.phase("cluster", plan.epochs, {"sgd": opt}, steps, per_epoch):
+        for epoch in trainer.phase("cluster", plan.epochs, {"sgd": opt}, steps, per_step):
             lr = cfg.lr * (plan.gamma if epoch >= plan.milestone else 1.0)
             for group in opt.param_groups:
                 group["lr"] = lr
             refine = 0 <= plan.refine_epoch <= epoch
             if refine and trainer.step == 0:
                 self._refine_targets(trainer, net, data, plan)
-            if plan.rotation and trainer.step == 0:  # a resumed epoch had done it already
+            rotation = plan.rotation and epoch % cfg.rotation_every == 0
+            if rotation and trainer.step == 0:  # a resumed epoch had done it already
                 rotate = run("rotate", lr)
                 for i, idx in enumerate(data.epoch(batch, trainer.key(epoch, 1))):
                     trainer.record(len(idx) * 4, **rotate(idx, trainer.key(epoch, 1, i)))
