@@ -154,10 +154,26 @@ case "$issue" in
     check mmdc-cifar10 290 --dataset cifar10 --method mmdc --seeds 1 --epochs 50 --compile
     ;;
   6-cifar10)  # MMDC CIFAR-10 (bar: ACC >= 0.80, NMI >= 0.68 in <= 15 min of H100, one run): a
-    # schedule one call holds. At e16c743 an epoch took 3.75 s compiled, the first 29 s, so
-    # 130 epochs (milestone and refinement scaled) make about 520 s
+    # schedule one call holds. At e16c743 an epoch took 3.75 s compiled, the first 29 s, so 120
+    # epochs (milestone and refinement scaled) make about 475 s of training, plus the 15
+    # refinement epochs' k-means. MMDC_EPOCHS and MMDC_PARAMS (e.g. "--param batch_size=256
+    # --param lr=0.1", from 6-rate) set another schedule
     materialise cifar10
-    check mmdc-cifar10 "$(left)" --dataset cifar10 --method mmdc --seeds 1 --epochs 130 --compile
+    # shellcheck disable=SC2086  # MMDC_PARAMS: words meant to split
+    check mmdc-cifar10 "$(left)" --dataset cifar10 --method mmdc --seeds 1 \
+      --epochs "${MMDC_EPOCHS:-120}" --compile ${MMDC_PARAMS:-}
+    ;;
+  6-rate)  # MMDC CIFAR-10: what an epoch costs with larger batches (learning rate scaled) or a
+    # rotation epoch every other epoch, 4 compiled epochs each (the first holds the compilation;
+    # the timelines give the rest's pace), to choose 6-cifar10's schedule: about 4 x 50 s
+    materialise cifar10
+    check mmdc-rate-b128 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile
+    check mmdc-rate-b256 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile \
+      --param batch_size=256 --param lr=0.1
+    check mmdc-rate-b512 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile \
+      --param batch_size=512 --param lr=0.2
+    check mmdc-rate-rot2 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile \
+      --param rotation_every=2
     ;;
   9)  # pretrained features: extraction img/s, a 10k-image run end to end under 60 s
     materialise cifar10
@@ -166,7 +182,7 @@ case "$issue" in
     check scan-effnet-cifar10 270 --dataset cifar10 --protocol test --method scan \
       --backbone efficientnet-lite0 --seeds 3 --cache /tmp/fc
     ;;
-  *) echo "gpu_check.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6 or 9)" >> "$summary" ;;
+  *) echo "gpu_check.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 5-cifar10-order, 6, 6-cifar10, 6-rate or 9)" >> "$summary" ;;
 esac
 timelines
 cp "$summary" "$stage/"
