@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from imgcluster import assign, engine, evaluate, train
+from imgcluster.augment import AugmentConfig
 from imgcluster.errors import UsageError
 from imgcluster.methods import adc, mmdc
 from imgcluster.methods import aecm as cm
@@ -506,6 +507,18 @@ def test_mmdc_runs_the_rotation_task_before_every_nth_epoch(tmp_path: Path) -> N
     assert all(r["images"] == 12 * (5 if "rot" in r else 1) for r in log)
     with pytest.raises(UsageError, match="rotation_every"):
         mmdc.MMDC(3, mmdc.MMDCConfig(rotation_every=0))
+
+
+def test_mmdc_crops_each_turned_copy_on_its_own() -> None:
+    x = torch.rand(3, 3, 16, 16)
+    crop = mmdc.family(3, 16).augment
+    crop = AugmentConfig(crop=crop.crop, crop_sides=crop.crop_sides)
+    views, labels = mmdc.rotation_views(x, crop, 7)
+    assert views.shape == (12, 3, 16, 16)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # turned back, the four copies of an image are four different crops of it
+    back = torch.stack([torch.rot90(views[3 * r : 3 * r + 3], -r, dims=(2, 3)) for r in range(4)])
+    assert all(not torch.allclose(back[0], back[r]) for r in range(1, 4))
 
 
 def test_mmdc_targets_and_reassignment() -> None:

@@ -75,6 +75,16 @@ def reassign(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return hungarian(torch.cdist(pred.float(), targets.float())).to(targets.device)
 
 
+def rotation_views(
+    x: torch.Tensor, crop: AugmentConfig, key: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation task's batch: every image turned by 0, 90, 180 and 270 degrees, each turned
+    copy then cropped at random on its own (the code's ``RotNetDataset`` rotates first and
+    transforms each copy apart), and the labels 0..3."""
+    rotated, labels = four_rotations(x)
+    return augment(rotated, crop, key), labels
+
+
 def hungarian(cost: torch.Tensor) -> torch.Tensor:
     """The assignment (row i -> column perm[i]) of least total ``cost`` (B×B), on the host."""
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
@@ -351,9 +361,8 @@ class MMDC(Method):
         def rotate(idx: torch.Tensor, key: torch.Tensor) -> dict[str, torch.Tensor]:
             """4-way rotation prediction on randomly cropped images (the same optimiser)."""
             net.train()
-            x = augment(to_float(data.take(idx)), crop, key)
-            rotated, labels = four_rotations(x)
-            with autocast(x.device):
+            rotated, labels = rotation_views(to_float(data.take(idx)), crop, key)
+            with autocast(rotated.device):
                 logits = step_net.rotation_logits(layout(rotated)).float()
             loss = rotation_loss(logits, labels)
             optimizer_step(opt, loss)
