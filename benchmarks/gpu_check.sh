@@ -165,7 +165,9 @@ case "$issue" in
     ;;
   6-rate)  # MMDC CIFAR-10: what an epoch costs with larger batches (learning rate scaled) or a
     # rotation epoch every other epoch, 4 compiled epochs each (the first holds the compilation;
-    # the timelines give the rest's pace), to choose 6-cifar10's schedule: about 4 x 50 s
+    # the timelines give the rest's pace), to choose 6-cifar10's schedule: about 4 x 50 s; then
+    # whether a 2,000-step floor fills a 200-image colour folder's 10 clusters (400 steps, the
+    # default, filled 6 at e16c743): about 70 s, skipped when the call's time has run out
     materialise cifar10
     check mmdc-rate-b128 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile
     check mmdc-rate-b256 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile \
@@ -174,6 +176,8 @@ case "$issue" in
       --param batch_size=512 --param lr=0.2
     check mmdc-rate-rot2 75 --dataset cifar10 --method mmdc --seeds 1 --epochs 4 --compile \
       --param rotation_every=2
+    check mmdc-cifar10-200-floor 100 --dataset cifar10 --method mmdc --protocol dev \
+      --dev-per-class 20 --seeds 1 --param min_steps=2000
     ;;
   9)  # pretrained features: extraction img/s, a 10k-image run end to end under 60 s
     materialise cifar10
