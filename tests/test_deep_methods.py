@@ -631,12 +631,17 @@ def test_aecm_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_mmdc_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("colour", [False, True])
+def test_mmdc_replays_its_steps_as_cuda_graphs(colour: bool, folder: Path, tmp_path: Path) -> None:
     """The predict and fit steps, and the refinement's in-place targets, under replay: the
-    first epoch agrees with the eager run's, and the epochs after it are replayed."""
+    first epoch agrees with the eager run's, and the epochs after it are replayed (colour:
+    ResNet-18 and its rotation steps, one SGD for both heads, every other epoch)."""
     # 3 steps an epoch: 3 eager warm-up calls, then captured; the learning rate's drop at
     # epoch 5 makes a new SGD step, captured anew
     params = {**SHORT["mmdc"], "epochs": "8", "refine_epoch": "3", "milestone": "5"}
+    if colour:
+        folder = make_toy_folder(tmp_path / "colour", per_class=16, colour=True)
+        params["rotation_every"] = "2"
     runs = _with_and_without_graphs("mmdc", params, folder, tmp_path)
     logs = {graphs: [r for r in _log(run) if "epoch" in r] for graphs, run in runs.items()}
     replayed = [r.get("cuda_graph") == "replayed" for r in logs["true"]]
@@ -644,3 +649,6 @@ def test_mmdc_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -> 
     assert not any("cuda_graph" in r for r in logs["false"])
     assert logs["true"][0]["loss"] == pytest.approx(logs["false"][0]["loss"], rel=2e-2)
     assert sum(logs["true"][-1]["sizes"]) == sum(logs["false"][-1]["sizes"])
+    if colour:
+        assert ["rot" in r for r in logs["true"]] == [True, False] * 4
+        assert logs["true"][0]["rot"] == pytest.approx(logs["false"][0]["rot"], rel=2e-2)
