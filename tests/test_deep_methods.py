@@ -421,14 +421,13 @@ def test_adc_reads_its_images_in_the_order_asked() -> None:
 
 def test_adc_on_colour_images_trains_with_the_tf_augmentation(tmp_path: Path) -> None:
     colour = make_toy_folder(tmp_path / "colour", per_class=8, colour=True)
-    params = {**SHORT["adc"], "order": "epochs"}  # the authors' pipeline's order, as on CIFAR
-    run = train([colour], 3, method="adc", params=params, out=tmp_path / "run").run_dir
+    run = train([colour], 3, method="adc", params=SHORT["adc"], out=tmp_path / "run").run_dir
     recorded = json.loads((run / "model.json").read_text())["config"]
     assert (recorded["recipe"], recorded["network"], recorded["augment"], recorded["order"]) == (
         "cifar",
         "resnet20",
         "tf",
-        "epochs",
+        "fixed",  # the authors' pipeline's order, which their CIFAR command read in
     )
     losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
     assert len(losses) >= 2 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
@@ -441,6 +440,8 @@ def test_adc_recipe_follows_the_image_family_unless_set() -> None:
     assert (grey.decay_steps, grey.visit_weight, grey.norm_target) == (5000, 1.0, 1.0)
     assert colour.recipe == "cifar" and (colour.steps, colour.reg_warmup_steps) == (35000, 3000)
     assert (colour.decay_steps, colour.visit_weight, colour.norm_target) == (10000, 0.5, 3.0)
+    assert (grey.order, colour.order) == ("rounds", "fixed")
+    assert adc.ADCConfig(order="epochs").resolve(channels=3).order == "epochs"
     # the network and embedding size follow the family too (the authors' commands)
     assert (grey.network, grey.emb_size, colour.network, colour.emb_size) == (
         "convnet",
