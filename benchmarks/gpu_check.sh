@@ -116,15 +116,14 @@ case "$issue" in
     check adc-mnist 125 --dataset mnist --method adc --seeds 1
     check mmdc-mnist 90 --dataset mnist --method mmdc --seeds 1
     ;;
-  5-cifar10)  # ADC: CIFAR-10 ACC >= 0.29 (train split, scored on the test split), the
-    # authors' CIFAR-10 command (35,000 steps of 400 images; about 4.5 h on 2 CPU cores in bf16)
+  5-cifar10)  # ADC: CIFAR-10 ACC >= 0.29 over 3 seeds (train split, scored on the test split),
+    # the defaults: the authors' CIFAR-10 command, their data order (order=fixed). Seeds 1 and 2:
+    # seed 0 ran on the CPU (35,000 steps of 400 images, about 3 h on 2 cores in bf16); ADC has
+    # never run CIFAR-10 on a GPU, so how far one call gets is not known. order=fixed is the
+    # default, named as seed 0's command named it (it ran before it was)
     materialise cifar10
-    check adc-cifar10 "$(left)" --dataset cifar10 --method adc --seeds 1
-    ;;
-  5-cifar10-order)  # ADC CIFAR-10 with the authors' data order (every image once an epoch, one
-    # order for all epochs, as their TF 1.3 pipeline most likely read it), seeds 0-2
-    materialise cifar10
-    check adc-cifar10-fixed "$(left)" --dataset cifar10 --method adc --param order=fixed --seeds 3
+    check adc-cifar10 "$(left)" --dataset cifar10 --method adc --param order=fixed \
+      --first-seed 1 --seeds 2
     ;;
   4-fmnist)  # DEPICT and AE-CM on Fashion-MNIST-70k, reported (1,000 AE-CM epochs: hours on a CPU)
     materialise fashion_mnist
@@ -186,7 +185,7 @@ case "$issue" in
     check scan-effnet-cifar10 270 --dataset cifar10 --protocol test --method scan \
       --backbone efficientnet-lite0 --seeds 3 --cache /tmp/fc
     ;;
-  *) echo "gpu_check.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 5-cifar10-order, 6, 6-cifar10, 6-rate or 9)" >> "$summary" ;;
+  *) echo "gpu_check.sh: no GPU check for issue $issue (speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6, 6-cifar10, 6-rate or 9)" >> "$summary" ;;
 esac
 timelines
 cp "$summary" "$stage/"

@@ -10,13 +10,13 @@
 # .commit  the commit the numbers belong to
 # Then call the device tool's run with the command and carry list this script prints.
 set -euo pipefail
-modes="speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 5-cifar10-order, 6, 6-cifar10, 6-rate or 9"  # the checks gpu_check.sh knows
+modes="speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6, 6-cifar10, 6-rate or 9"  # the checks gpu_check.sh knows
 issue=${1:?usage: bash benchmarks/gpu_prepare.sh ISSUE ($modes)}
 cd "$(dirname "$0")/.."
 shared=../shared/data
 case "$issue" in
   4|speed|speed-all) data=(mnist.npz) ;;
-  5|5-cifar10|5-cifar10-order|6|6-cifar10|6-rate) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
+  5|5-cifar10|6|6-cifar10|6-rate) data=(mnist.npz cifar10-jpeg.tar.xz) ;;
   4-fmnist|4-aecm-authors) data=(fashion_mnist.npz) ;;
   9) data=(cifar10-jpeg.tar.xz) ;;
   *) echo "gpu_prepare.sh: no GPU check for issue $issue ($modes)" >&2; exit 2 ;;
