@@ -41,6 +41,12 @@ def timeline(rows: list[dict]) -> list[str]:
         lines.append(
             f"{name:10s} {len(secs):4d} epochs {sum(secs):9.1f} s (first {secs[0]:.1f} s{rest})"
         )
+        rotation = [float(r["rotation_s"]) for r in epochs[1:] if "rotation_s" in r]
+        if rotation:  # MMDC: the rotation passes' share
+            lines.append(
+                f"{'':10s} each rotation pass {sum(rotation) / len(rotation):.2f} s of it "
+                f"(mean of {len(rotation)} after the first epoch)"
+            )
     for r in rows:
         if "epoch" not in r and r.get("phase") != "done" and "seconds" in r:
             lines.append(f"{r['phase']:10s}             {float(r['seconds']):9.1f} s (one-off)")

@@ -505,6 +505,9 @@ def test_mmdc_runs_the_rotation_task_before_every_nth_epoch(tmp_path: Path) -> N
     run = train([folder], 3, method="mmdc", params=params, out=tmp_path / "run").run_dir
     log = [r for r in _log(run) if r.get("phase") == "cluster"]
     assert ["rot" in r for r in log] == [True, False, True, False, True]
+    # the rotation pass's seconds are logged where it ran: a part of the epoch's
+    assert all(("rotation_s" in r) == ("rot" in r) for r in log)
+    assert all(0 < r["rotation_s"] <= r["seconds"] for r in log if "rot" in r)
     assert all(r["images"] == 12 * (5 if "rot" in r else 1) for r in log)
     with pytest.raises(UsageError, match="rotation_every"):
         mmdc.MMDC(3, mmdc.MMDCConfig(rotation_every=0))

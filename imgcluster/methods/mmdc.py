@@ -13,6 +13,7 @@ targets instead, aligned to the previous ones. Label = the nearest vertex = argm
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -331,9 +332,12 @@ class MMDC(Method):
                 self._refine_targets(trainer, net, data, plan)
             rotation = plan.rotation and epoch % cfg.rotation_every == 0
             if rotation and trainer.step == 0:  # a resumed epoch had done it already
-                rotate = run("rotate", lr)
+                started, rotate = time.perf_counter(), run("rotate", lr)
                 for i, idx in enumerate(data.epoch(batch, trainer.key(epoch, 1))):
                     trainer.record(len(idx) * 4, **rotate(idx, trainer.key(epoch, 1, i)))
+                # the rotation pass's share of the epoch, which says what rotation_every saves
+                # (one wait for the GPU: each clustering step waits for it anyway)
+                trainer.note(rotation_s=round(_synced_since(started, trainer.device), 3))
             predict, fit = run("predict", lr), run("fit", lr)
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch))):
                 # each image's target: its own when refining, else the batch's targets
@@ -416,3 +420,10 @@ class MMDC(Method):
 
     def _sizes(self, trainer: Trainer) -> list[int]:
         return torch.bincount(trainer.extra["targets"].argmax(1), minlength=self.k).tolist()
+
+
+def _synced_since(started: float, device: torch.device) -> float:
+    """Seconds since ``started`` once the work queued on ``device`` is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
