@@ -22,6 +22,7 @@ import json
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -506,7 +507,8 @@ class Trainer:
         self.epoch = 0  # epochs finished in the current phase
         self.step = 0  # steps finished in the current epoch
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
-        self._live: set[int] = set()  # ids of the optimizers a phase ran with in this process
+        # the optimizers a phase ran with in this process (weak: a finished phase's may go)
+        self._live: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._sums: dict[str, torch.Tensor] = {}
         self._images = 0
         self._stop = threading.Event()
@@ -540,7 +542,7 @@ class Trainer:
         if name in self.done:
             return
         self._optimizers = dict(optimizers or {})
-        self._live.update(id(o) for o in self._optimizers.values())
+        self._live.update(self._optimizers.values())
         resuming = self.current == name
         if resuming:
             self._restore_optimizers(self._optimizers)
@@ -565,7 +567,7 @@ class Trainer:
         the two): when this process resumed after that phase, so never stepped them, load
         the state the phase left them in from the checkpoint. (Not told by an empty state: a
         fused SGD with momentum has zero buffers before its first step.)"""
-        self._restore_optimizers({n: o for n, o in optimizers.items() if id(o) not in self._live})
+        self._restore_optimizers({n: o for n, o in optimizers.items() if o not in self._live})
 
     def steps(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The batches of this epoch not yet done (a resumed epoch skips the finished ones)."""
