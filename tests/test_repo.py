@@ -34,3 +34,20 @@ def test_sample_images_are_there_with_their_licence() -> None:
     images = list((ROOT / "sample_images").rglob("*.png"))
     assert 100 <= len(images) <= 300
     assert "MIT" in (ROOT / "sample_images" / "README.md").read_text()
+
+
+def _case_labels(script: str) -> set[str]:
+    """The modes a benchmarks shell script's ``case "$issue"`` knows (``*`` left out)."""
+    text = (ROOT / "benchmarks" / script).read_text()
+    labels = re.findall(r"^  ([\w|-]+)\)", text, flags=re.MULTILINE)
+    return {mode for label in labels for mode in label.split("|")}
+
+
+def test_gpu_prepare_knows_every_gpu_check_mode() -> None:
+    # a mode gpu_check.sh runs but gpu_prepare.sh refuses (or carries no data for) would
+    # cost a lease's start on a bare machine
+    check, prepare = _case_labels("gpu_check.sh"), _case_labels("gpu_prepare.sh")
+    assert check and check == prepare
+    listed = re.search(r'^modes="(.+)"', (ROOT / "benchmarks" / "gpu_prepare.sh").read_text(), re.M)
+    assert listed is not None
+    assert set(re.split(r", | or ", listed.group(1))) == check
