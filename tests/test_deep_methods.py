@@ -12,10 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from imgcluster import assign, engine, evaluate, train
 from imgcluster.augment import AugmentConfig
-from imgcluster.errors import UsageError
+from imgcluster.errors import Interrupted, UsageError
 from imgcluster.methods import adc, mmdc
 from imgcluster.methods import aecm as cm
 from imgcluster.methods import depict as dp
@@ -511,6 +512,32 @@ def test_mmdc_runs_the_rotation_task_before_every_nth_epoch(tmp_path: Path) -> N
     assert all(r["images"] == 12 * (5 if "rot" in r else 1) for r in log)
     with pytest.raises(UsageError, match="rotation_every"):
         mmdc.MMDC(3, mmdc.MMDCConfig(rotation_every=0))
+
+
+def test_mmdc_resumed_after_a_rotation_pass_does_not_run_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (Ctrl-C, or SIGINT from a time limit) asked for during the rotation pass lands at
+    the epoch's first clustering step; resumed from there, the run goes on as one never
+    stopped, without a second rotation pass in that epoch."""
+    folder = make_toy_folder(tmp_path / "toy", per_class=4, colour=True)
+    params = {"epochs": "3", "batch_size": "12", "refine_epoch": "-1"}
+    straight = train([folder], 3, method="mmdc", params=params, out=tmp_path / "a", seed=1)
+    note = engine.Trainer.note
+
+    def stop_during_the_second_rotation_pass(self: engine.Trainer, **values: object) -> None:
+        note(self, **values)
+        if "rotation_s" in values and self.epoch == 1:
+            self._stop.set()
+
+    monkeypatch.setattr(engine.Trainer, "note", stop_during_the_second_rotation_pass)
+    with pytest.raises(Interrupted):
+        train([folder], 3, method="mmdc", params=params, out=tmp_path / "b", seed=1)
+    monkeypatch.undo()
+    resumed = train(resume=tmp_path / "b").run_dir
+    a, b = (load_file(str(run / "model.safetensors")) for run in (straight.run_dir, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed / "labels.csv").read_text() == (straight.run_dir / "labels.csv").read_text()
 
 
 def test_mmdc_crops_each_turned_copy_on_its_own() -> None:
