@@ -323,28 +323,23 @@ class MMDC(Method):
                 runs[kind, lr] = GraphedStep(kinds[kind], graphs)
             return runs[kind, lr]
 
-        if plan.rotation and "rotated" not in trainer.extra:
-            # the last epoch whose rotation pass is done (checkpointed): a stop asked for during
-            # the pass lands at the epoch's first clustering step, and the resumed run must not
-            # run the pass again
-            trainer.extra["rotated"] = torch.tensor(-1)
+        if "prepared" not in trainer.extra:
+            # the last epoch whose passes before its clustering steps (refinement, rotation)
+            # are done, checkpointed: a stop asked for during them lands at the epoch's first
+            # clustering step, and the resumed run must not run them again
+            trainer.extra["prepared"] = torch.tensor(-1)
         for epoch in trainer.phase("cluster", plan.epochs, {"sgd": opt}, steps, per_step):
             lr = cfg.lr * (plan.gamma if epoch >= plan.milestone else 1.0)
             for group in opt.param_groups:
                 group["lr"] = lr
             refine = 0 <= plan.refine_epoch <= epoch
-            if refine and trainer.step == 0:
-                self._refine_targets(trainer, net, data, plan)
-            rotation = plan.rotation and epoch % cfg.rotation_every == 0
-            # a resumed epoch past its first clustering step had done it already
-            if rotation and trainer.step == 0 and int(trainer.extra["rotated"]) != epoch:
-                started, rotate = time.perf_counter(), run("rotate", lr)
-                for i, idx in enumerate(data.epoch(batch, trainer.key(epoch, 1))):
-                    trainer.record(len(idx) * 4, **rotate(idx, trainer.key(epoch, 1, i)))
-                # the rotation pass's share of the epoch, which says what rotation_every saves
-                # (one wait for the GPU: each clustering step waits for it anyway)
-                trainer.note(rotation_s=round(_synced_since(started, trainer.device), 3))
-                trainer.extra["rotated"].fill_(epoch)
+            # a resumed epoch past its first clustering step had done them already
+            if trainer.step == 0 and int(trainer.extra["prepared"]) != epoch:
+                if refine:
+                    self._refine_targets(trainer, net, data, plan)
+                if plan.rotation and epoch % cfg.rotation_every == 0:
+                    self._rotation_pass(trainer, run("rotate", lr), data, batch, epoch)
+                trainer.extra["prepared"].fill_(epoch)
             predict, fit = run("predict", lr), run("fit", lr)
             for idx in trainer.steps(data.epoch(batch, trainer.key(epoch))):
                 # each image's target: its own when refining, else the batch's targets
@@ -404,6 +399,17 @@ class MMDC(Method):
             return {"loss": loss}
 
         return {"rotate": rotate, "predict": predict, "fit": fit}
+
+    def _rotation_pass(
+        self, trainer: Trainer, rotate: GraphedStep, data: DeviceImages, batch: int, epoch: int
+    ) -> None:
+        """An epoch of rotation prediction. Its seconds are logged (``rotation_s``): the share
+        of the epoch ``rotation_every`` would save (one wait for the GPU: each clustering step
+        waits for it anyway)."""
+        started = time.perf_counter()
+        for i, idx in enumerate(data.epoch(batch, trainer.key(epoch, 1))):
+            trainer.record(len(idx) * 4, **rotate(idx, trainer.key(epoch, 1, i)))
+        trainer.note(rotation_s=round(_synced_since(started, trainer.device), 3))
 
     @torch.no_grad()
     def _refine_targets(
