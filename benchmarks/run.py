@@ -175,7 +175,7 @@ def _splits(folders: dict[str, Path], protocol: str) -> tuple[list[Path], list[P
 
 def _checkpoint_every(args: argparse.Namespace) -> int:
     """Epochs between checkpoints: each epoch for a resumable run unless told otherwise (a
-    checkpoint of MMDC's ResNet-18 costs 0.1-0.6 s, a tenth of its GPU epoch); 0 = the
+    checkpoint of MMDC's ResNet-18 costs 0.1-0.6 s, up to a sixth of its GPU epoch); 0 = the
     trainer's own, at most every 2 minutes and on a SIGINT, at the next step."""
     if args.checkpoint_every is not None:
         return args.checkpoint_every
