@@ -122,10 +122,13 @@ case "$issue" in
     # the defaults: the authors' CIFAR-10 command, their data order (order=fixed). Seeds 1 and 2:
     # seed 0 ran on the CPU (35,000 steps of 400 images, about 3 h on 2 cores in bf16); ADC has
     # never run CIFAR-10 on a GPU, so how far one call gets is not known. order=fixed is the
-    # default, named as seed 0's command named it (it ran before it was)
+    # default, named as seed 0's command named it (it ran before it was). ADC_PARAMS: more
+    # words for run.py, which win over these (the authors' cv2 geometry, seeds 0-2:
+    # ADC_PARAMS="--param geometry=cv2 --first-seed 0 --seeds 3")
     materialise cifar10
+    # shellcheck disable=SC2086  # ADC_PARAMS: words meant to split
     check adc-cifar10 "$(left)" --dataset cifar10 --method adc --param order=fixed \
-      --first-seed 1 --seeds 2
+      --first-seed 1 --seeds 2 ${ADC_PARAMS:-}
     ;;
   4-fmnist)  # DEPICT and AE-CM on Fashion-MNIST-70k, reported (1,000 AE-CM epochs: hours on a CPU)
     materialise fashion_mnist

@@ -2,7 +2,9 @@
 
 Every geometric change (random resized crop, crop and resize back, horizontal
 flip, rotation by an angle or by a multiple of 90°) is folded into one 2×3
-affine matrix per image and applied with a single ``grid_sample``; the colour
+affine matrix per image and applied with a single ``grid_sample`` (or, with
+``geometry="cv2"``, into one sampling grid that repeats cv2 and TF 1's whole-pixel
+crops and nearest-neighbour resize exactly); the colour
 changes (brightness, contrast, saturation, hue, random greyscale) and Gaussian
 noise are tensor ops on the whole batch. Random numbers come from
 ``imgcluster.rng``, so a batch augmented under the same key is the same on the
@@ -81,6 +83,9 @@ class AugmentConfig:
     noise: float = 0.0  # standard deviation of added Gaussian noise
     padding: str = "zeros"  # what rotations reveal at the corners: zeros, grey, border, reflection
     tf_jitter: TFJitter | None = None  # in place of brightness, contrast, saturation and hue
+    # how the crop and rotation resample: "affine", one bilinear resampling of both; "cv2",
+    # as code built on cv2 and TF 1 (ADC's) did: see ``cv2_grid``
+    geometry: str = "affine"
 
     def __post_init__(self) -> None:
         if self.crop not in ("none", "resized", "square"):
@@ -95,6 +100,10 @@ class AugmentConfig:
             raise ValueError(
                 f"padding must be zeros, grey, border or reflection, got {self.padding!r}"
             )
+        if self.geometry not in ("affine", "cv2"):
+            raise ValueError(f"geometry must be affine or cv2, got {self.geometry!r}")
+        if self.geometry == "cv2" and (self.crop == "resized" or self.crop_sides or self.rotate90):
+            raise ValueError("geometry cv2 takes a square crop from crop_scale and no rotate90")
         torchvision_jitter = (self.brightness, self.contrast, self.saturation, self.hue)
         if self.tf_jitter is not None and any(torchvision_jitter):
             raise ValueError("give tf_jitter or brightness/contrast/saturation/hue, not both")
@@ -115,7 +124,8 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, k: rng.Key) -> torch.Tensor:
     # every per-image parameter comes from one draw: a few kernels, not dozens, per batch
     u = rng.uniform((len(x), _PARAMS), k, x.device)
     if cfg.geometric:
-        x = _resample(x, _grid(x, cfg, u), cfg.padding)
+        grid = _grid(x, cfg, u) if cfg.geometry == "affine" else _cv2_params(x, cfg, u)
+        x = _resample(x, grid, cfg.padding)
     x = _colour(x, cfg, u) if cfg.tf_jitter is None else _tf_colour(x, cfg.tf_jitter, u)
     if cfg.noise > 0:
         x = x + cfg.noise * rng.normal(tuple(x.shape), rng.key(k, 20), x.device)
@@ -181,6 +191,62 @@ def _grid(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
         1,
     )
     return F.affine_grid(theta, list(x.shape), align_corners=False)
+
+
+def _cv2_params(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
+    """``cv2_grid`` with the per-image draws of the authors' ``apply_augmentation``: angle
+    uniform in ±rotate; crop fraction ``1 − p``, p uniform in [0, 1 − lo) (crop_scale (lo, 1));
+    ``tf.random_crop``'s offsets uniform over the whole-pixel positions; a fair coin flip."""
+    n, _, h, w = x.shape
+    zero = torch.zeros(n, device=x.device)
+    angle = cfg.rotate * (2 * u[:, _ANGLE] - 1) if cfg.rotate > 0 else zero
+    if cfg.crop == "square":
+        lo, hi = cfg.crop_scale
+        fraction = hi - (hi - lo) * u[:, _SIDE]  # in (lo, hi]: 1 − p with p in [1 − hi, 1 − lo)
+        side_h, side_w = (h * fraction).floor(), (w * fraction).floor()
+    else:
+        side_h, side_w = zero + h, zero + w
+    top = (u[:, _CY] * (h - side_h + 1)).floor().minimum(h - side_h)
+    left = (u[:, _CX] * (w - side_w + 1)).floor().minimum(w - side_w)
+    flip = u[:, _FLIP] < 0.5 if cfg.flip else zero.bool()
+    return cv2_grid((h, w), angle, (side_h, side_w), (top, left), flip)
+
+
+def cv2_grid(
+    size: tuple[int, int],
+    degrees: torch.Tensor,
+    sides: tuple[torch.Tensor, torch.Tensor],
+    corner: tuple[torch.Tensor, torch.Tensor],
+    flip: torch.Tensor,
+) -> torch.Tensor:
+    """Sampling grid (for ``grid_sample``, ``align_corners=False``) of a rotation, crop and
+    flip done as the ADC authors' cv2 + TF 1 code did them, one after another:
+
+    1. ``cv2.warpAffine(x, cv2.getRotationMatrix2D((W/2, H/2), degrees, 1))``: bilinear,
+       about the pixel (W/2, H/2) (half a pixel off the image's centre), counter-clockwise
+       for positive degrees; output pixel d reads the input at c + A⁻¹(d − c), where
+       A = [[cos, sin], [−sin, cos]];
+    2. ``tf.random_crop`` to whole pixels, ``sides`` (h, w) at ``corner`` (top, left);
+    3. ``tf.image.resize_images(..., NEAREST_NEIGHBOR)`` back to H × W (TF 1: output pixel i
+       takes crop pixel ⌊i · side / H⌋, no half-pixel centres);
+    4. the left-right flip where ``flip``.
+
+    Steps 2-4 only pick whole pixels of the rotated image, so the chain is one bilinear
+    lookup at the rotation's source point of each picked pixel. (cv2 rounds source points
+    to 1/32 pixel; this does not.)"""
+    h, w = size
+    dev = degrees.device
+    cols = torch.arange(w, device=dev, dtype=torch.float32)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols)  # N×W: the flip comes last
+    x = corner[1][:, None] + (cols * (sides[1][:, None] / w)).floor()  # N×W, rotated image
+    y = corner[0][:, None] + (torch.arange(h, device=dev) * (sides[0][:, None] / h)).floor()
+    theta = torch.deg2rad(degrees)
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    dx, dy = x[:, None, :] - w / 2, y[:, :, None] - h / 2  # N×1×W, N×H×1
+    src_x = cos * dx - sin * dy + w / 2
+    src_y = sin * dx + cos * dy + h / 2
+    # pixel i's centre is at normalised (2i + 1) / size − 1 when align_corners is False
+    return torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], dim=-1)
 
 
 def _crop_boxes(

@@ -203,3 +203,81 @@ def test_grey_padding_fills_rotated_corners_with_mid_grey() -> None:
         aug.AugmentConfig(brightness=0.5, tf_jitter=aug.TFJitter(brightness=0.5))
     with pytest.raises(ValueError):
         aug.TFJitter(contrast=(1.5, 1.0))
+
+
+def _cv2_reference(img: np.ndarray, degrees: float, side: int, top: int, left: int, flip: bool):
+    """One H×W image through the authors' chain, written from OpenCV's and TF 1's documented
+    definitions: getRotationMatrix2D's matrix, warpAffine's inverse map with bilinear
+    interpolation and a zero border, whole-pixel crop, TF 1's nearest resize, flip."""
+    h, w = img.shape
+    a, b = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    cx, cy = w / 2, h / 2
+    m = np.array([[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy], [0, 0, 1]])
+    inv = np.linalg.inv(m)
+    padded = np.pad(img, 1)  # zero border
+    rotated = np.zeros_like(img)
+    for yy in range(h):
+        for xx in range(w):
+            sx, sy, _ = inv @ (xx, yy, 1)
+            x0, y0 = int(np.floor(sx)), int(np.floor(sy))
+            fx, fy = sx - x0, sy - y0
+            value = 0.0
+            for dy, wy in ((0, 1 - fy), (1, fy)):
+                for dx, wx in ((0, 1 - fx), (1, fx)):
+                    px, py = x0 + dx, y0 + dy
+                    if -1 <= px <= w and -1 <= py <= h:
+                        value += wy * wx * padded[py + 1, px + 1]
+            rotated[yy, xx] = value
+    crop = rotated[top : top + side, left : left + side]
+    picks = [int(np.floor(i * side / h)) for i in range(h)]
+    out = crop[np.ix_(picks, picks)]
+    return out[:, ::-1] if flip else out
+
+
+@pytest.mark.parametrize(
+    "degrees,side,top,left,flip",
+    [
+        (90.0, 16, 0, 0, False),
+        (0.0, 13, 3, 1, False),
+        (7.5, 13, 2, 3, True),
+        (-9.0, 16, 0, 0, True),
+    ],
+)
+def test_cv2_grid_repeats_cv2_rotation_whole_pixel_crop_and_nearest_resize(
+    degrees: float, side: int, top: int, left: int, flip: bool
+) -> None:
+    img = np.random.default_rng(1).random((16, 16))
+    t = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)  # noqa: E731
+    grid = aug.cv2_grid((16, 16), t(degrees), (t(side), t(side)), (t(top), t(left)), t(flip, bool))
+    x = torch.from_numpy(img).float()[None, None]
+    y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+    want = _cv2_reference(img, degrees, side, top, left, flip)
+    assert np.abs(y[0, 0].numpy() - want).max() < 1e-5
+
+
+def test_cv2_geometry_picks_whole_pixels_of_crops_within_its_bounds() -> None:
+    # no rotation: each pixel holds its own index, so the output says which pixels it took:
+    # whole rows and columns of a crop of side int(16 · f), f in (0.75, 1]: 12-15 (16 only
+    # when f is exactly 1), in order
+    index = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16) / 256
+    cfg = aug.AugmentConfig(crop="square", crop_scale=(0.75, 1.0), flip=True, geometry="cv2")
+    y = (aug.augment(index.expand(64, 1, 16, 16), cfg, rng.key(11)) * 256).round().long()
+    sides, flips = set(), 0
+    for img in y[:, 0]:
+        rows, cols = img // 16, img % 16
+        assert torch.all(rows == rows[:, :1]) and torch.all(cols == cols[:1])  # whole pixels
+        r, c = rows[:, 0], cols[0]
+        flipped = bool(c[0] > c[-1])
+        flips += flipped
+        c = c.flip(0) if flipped else c
+        side = int(r[-1] - r[0]) + 1
+        assert 12 <= side <= 16 and int(c[-1] - c[0]) + 1 == side
+        # TF 1's nearest resize: output i takes crop pixel floor(i · side / 16)
+        picks = (torch.arange(16) * side // 16).tolist()
+        assert (r - r[0]).tolist() == picks and (c - c[0]).tolist() == picks
+        sides.add(side)
+    assert sides == {12, 13, 14, 15} and 16 < flips < 48
+    with pytest.raises(ValueError):
+        aug.AugmentConfig(crop="resized", geometry="cv2")
+    with pytest.raises(ValueError):
+        aug.AugmentConfig(geometry="opencv")

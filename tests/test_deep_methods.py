@@ -420,9 +420,13 @@ def test_adc_reads_its_images_in_the_order_asked() -> None:
     assert len(set(rounds[:30].tolist())) == 30 and not torch.equal(rounds[:50], epochs[:50])
 
 
-def test_adc_on_colour_images_trains_with_the_tf_augmentation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("geometry", ["affine", "cv2"])
+def test_adc_on_colour_images_trains_with_the_tf_augmentation(
+    geometry: str, tmp_path: Path
+) -> None:
     colour = make_toy_folder(tmp_path / "colour", per_class=8, colour=True)
-    run = train([colour], 3, method="adc", params=SHORT["adc"], out=tmp_path / "run").run_dir
+    params = {**SHORT["adc"], "geometry": geometry}
+    run = train([colour], 3, method="adc", params=params, out=tmp_path / "run").run_dir
     recorded = json.loads((run / "model.json").read_text())["config"]
     assert (recorded["recipe"], recorded["network"], recorded["augment"], recorded["order"]) == (
         "cifar",
@@ -430,6 +434,7 @@ def test_adc_on_colour_images_trains_with_the_tf_augmentation(tmp_path: Path) ->
         "tf",
         "fixed",  # the authors' pipeline's order, which their CIFAR command read in
     )
+    assert recorded["geometry"] == geometry
     losses = [r["loss"] for r in _log(run) if r.get("phase") == "cluster"]
     assert len(losses) >= 2 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
 
@@ -461,6 +466,12 @@ def test_adc_recipe_follows_the_image_family_unless_set() -> None:
     assert tf_colour.tf_jitter is not None and tf_colour.tf_jitter.contrast == (0.4, 1.8)
     assert tf_colour.padding == "grey" and tf_colour.flip and tf_colour.brightness == 0
     assert adc.augmentation(1, "torchvision").brightness == 0.5
+    # the geometry stays the one measured unless asked for: cv2 is the authors' chain
+    assert tf_colour.geometry == "affine" and colour.geometry == "affine"
+    cv2 = adc.augmentation(3, "tf", adc.ADC.make_config({"geometry": "cv2"}).geometry)
+    assert cv2.geometry == "cv2" and cv2.crop == "square" and cv2.crop_scale == (0.8, 1.0)
+    with pytest.raises(UsageError, match="geometry"):
+        adc.ADC.make_config({"geometry": "opencv"}).validate()
     # a recipe by name, and a value given by the user, win over the family
     assert adc.ADCConfig(recipe="mnist").resolve(channels=3).steps == 12000
     assert adc.ADCConfig(steps=5000).resolve(channels=3).steps == 5000

@@ -130,7 +130,7 @@ class ADCEmbedder(nn.Module):
         return torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
 
 
-def augmentation(channels: int, style: str) -> AugmentConfig:
+def augmentation(channels: int, style: str, geometry: str = "affine") -> AugmentConfig:
     """The paper's augmentation for the data set family: digits (grey) or natural images.
 
     The code's random crop of up to 20 % resized back, rotation, brightness 0.5 (grey: the
@@ -140,19 +140,22 @@ def augmentation(channels: int, style: str) -> AugmentConfig:
     ``style`` "tf" reads these numbers as the authors' TensorFlow code did (``TFJitter``:
     brightness added, per-channel contrast, TF's HSV on [-1, 1] images; rotated corners
     mid-grey, cv2's fill); "torchvision" as torchvision does (factors, black corners; contrast
-    symmetric, 0.4-1.6)."""
+    symmetric, 0.4-1.6).
+
+    ``geometry`` "affine" resamples rotation and crop together once, bilinearly; "cv2" as the
+    authors' code: cv2's bilinear rotation, a whole-pixel crop of ``int(side · (1 − p))``,
+    nearest-neighbour resize back (see ``augment.cv2_grid``)."""
     grey = channels == 1
-    geometry = {"crop": "square", "crop_scale": (0.8, 1.0), "rotate": 15 if grey else 10}
+    shape = {"crop": "square", "crop_scale": (0.8, 1.0), "rotate": 15 if grey else 10}
+    shape["geometry"] = geometry
     if style == "tf":
         colour = {} if grey else {"saturation": (0.7, 1.3), "contrast": (0.4, 1.8), "hue": 0.2}
         jitter = TFJitter(brightness=0.5, **colour)
-        return AugmentConfig(
-            **geometry, flip=not grey, padding="grey", tf_jitter=jitter, noise=0.025
-        )
+        return AugmentConfig(**shape, flip=not grey, padding="grey", tf_jitter=jitter, noise=0.025)
     if grey:
-        return AugmentConfig(**geometry, brightness=0.5, noise=0.025)
+        return AugmentConfig(**shape, brightness=0.5, noise=0.025)
     return AugmentConfig(
-        **geometry,
+        **shape,
         flip=True,
         brightness=0.5,
         saturation=0.3,
@@ -207,6 +210,9 @@ class ADCConfig:
     # how the augmentation's numbers are read (see ``augmentation``); auto: tf for colour, as
     # the authors' code; torchvision for grey, with which our digit results were measured
     augment: Literal["auto", "tf", "torchvision"] = "auto"
+    # how the crop and rotation resample (see ``augmentation``): affine, with which every
+    # result so far was measured; cv2, the authors' cv2 + TF 1 chain pixel for pixel
+    geometry: Literal["affine", "cv2"] = "affine"
     emb_size: int = 0  # 0 = 128 for the convnet, 64 for the ResNet (the authors' commands)
     centroids_per_cluster: int = 4  # m
     steps: int | None = None
@@ -305,6 +311,8 @@ class ADCConfig:
             raise UsageError(
                 f"parameter augment must be auto, tf or torchvision, got {self.augment!r}"
             )
+        if self.geometry not in ("affine", "cv2"):
+            raise UsageError(f"parameter geometry must be affine or cv2, got {self.geometry!r}")
         if self.order not in (None, "rounds", "epochs", "fixed"):
             raise UsageError(f"parameter order must be rounds, epochs or fixed, got {self.order!r}")
         if self.lr <= 0 or self.emb_size < 0:
@@ -336,7 +344,7 @@ class ADC(Method):
         step_net = compile_module(net, ctx.compile)
         warm_rounds = -(-cfg.reg_warmup_steps // cfg.round_steps)
         rounds = -(-(cfg.steps - cfg.reg_warmup_steps) // cfg.round_steps)
-        aug_cfg = augmentation(c, cfg.augment)
+        aug_cfg = augmentation(c, cfg.augment, cfg.geometry)
         batch = min(cfg.batch_size, n)
         # one Adam for the whole run, as the code's; the k-means init restarts it in part
         params = [*net.parameters(), *holder.parameters(), *logit.parameters()]
