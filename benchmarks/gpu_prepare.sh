@@ -8,7 +8,8 @@
 #          EfficientNet-Lite0 weights package for issue 9)
 # .data/   materialize.py and the data sets of that issue's checks (64 MiB travel in all)
 # .commit  the commit the numbers belong to
-# (.bench-work/, ignored too: the work folder gpu_check.sh 6-cifar10-long keeps between calls)
+# (.bench-work/, ignored too: the work folder gpu_check.sh 5-cifar10 and 6-cifar10-long keep
+# between calls)
 # Then call the device tool's run with the command and carry list this script prints.
 set -euo pipefail
 modes="speed, speed-all, 4, 4-fmnist, 4-aecm-authors, 5, 5-cifar10, 6, 6-cifar10, 6-cifar10-long, 6-rate or 9"  # the checks gpu_check.sh knows
@@ -38,6 +39,9 @@ for f in "${data[@]}"; do cp "$shared/$f" .data/; done
 git rev-parse --short HEAD > .commit
 du -sh .whl .data
 echo "device run: command 'bash benchmarks/gpu_check.sh $issue \$OUT', carry [\".whl\", \".data\", \".commit\"], timeout_s 600"
+if [ "$issue" = 5-cifar10 ]; then
+  echo "a run the call's limit cuts goes on when the same command is called again (its run folder stays in .bench-work/)"
+fi
 if [ "$issue" = 6-cifar10-long ]; then
   echo "then at once (the machine stays warm 30 s) the same command again, with GPU_CHECK_BUDGET=<the lease's seconds left less 60> before it"
 fi
