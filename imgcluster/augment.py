@@ -124,7 +124,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, k: rng.Key) -> torch.Tensor:
     # every per-image parameter comes from one draw: a few kernels, not dozens, per batch
     u = rng.uniform((len(x), _PARAMS), k, x.device)
     if cfg.geometric:
-        grid = _grid(x, cfg, u) if cfg.geometry == "affine" else _cv2_params(x, cfg, u)
+        grid = _grid(x, cfg, u) if cfg.geometry == "affine" else _cv2_random_grid(x, cfg, u)
         x = _resample(x, grid, cfg.padding)
     x = _colour(x, cfg, u) if cfg.tf_jitter is None else _tf_colour(x, cfg.tf_jitter, u)
     if cfg.noise > 0:
@@ -193,7 +193,7 @@ def _grid(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
     return F.affine_grid(theta, list(x.shape), align_corners=False)
 
 
-def _cv2_params(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
+def _cv2_random_grid(x: torch.Tensor, cfg: AugmentConfig, u: torch.Tensor) -> torch.Tensor:
     """``cv2_grid`` with the per-image draws of the authors' ``apply_augmentation``: angle
     uniform in ±rotate; crop fraction ``1 − p``, p uniform in [0, 1 − lo) (crop_scale (lo, 1));
     ``tf.random_crop``'s offsets uniform over the whole-pixel positions; a fair coin flip."""

@@ -146,8 +146,8 @@ def augmentation(channels: int, style: str, geometry: str = "affine") -> Augment
     authors' code: cv2's bilinear rotation, a whole-pixel crop of ``int(side · (1 − p))``,
     nearest-neighbour resize back (see ``augment.cv2_grid``)."""
     grey = channels == 1
-    shape = {"crop": "square", "crop_scale": (0.8, 1.0), "rotate": 15 if grey else 10}
-    shape["geometry"] = geometry
+    rotate = 15 if grey else 10
+    shape = {"crop": "square", "crop_scale": (0.8, 1.0), "rotate": rotate, "geometry": geometry}
     if style == "tf":
         colour = {} if grey else {"saturation": (0.7, 1.3), "contrast": (0.4, 1.8), "hue": 0.2}
         jitter = TFJitter(brightness=0.5, **colour)
