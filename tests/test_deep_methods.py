@@ -642,14 +642,17 @@ def test_depict_replays_its_steps_as_cuda_graphs(folder: Path, tmp_path: Path) -
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("colour", [False, True])
-def test_adc_replays_its_steps_as_cuda_graphs(colour: bool, folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("colour,geometry", [(False, "affine"), (True, "affine"), (True, "cv2")])
+def test_adc_replays_its_steps_as_cuda_graphs(
+    colour: bool, geometry: str, folder: Path, tmp_path: Path
+) -> None:
     """ADC's randomness is keyed (rng), so a captured step draws what the eager one draws:
     the first round's losses agree, and every round after the first is replayed (grey: conv
-    net, torchvision jitter; colour: ResNet, TF jitter)."""
+    net, torchvision jitter; colour: ResNet, TF jitter; the cv2 geometry's grid as well)."""
     if colour:
         folder = make_toy_folder(tmp_path / "colour", per_class=16, colour=True)
-    runs = _with_and_without_graphs("adc", SHORT["adc"], folder, tmp_path)
+    params = {**SHORT["adc"], "geometry": geometry}
+    runs = _with_and_without_graphs("adc", params, folder, tmp_path)
     logs = {graphs: [r for r in _log(run) if "epoch" in r] for graphs, run in runs.items()}
     statuses = [r.get("cuda_graph") for r in logs["true"]]
     assert statuses[-1] == "replayed" and statuses.count("replayed") >= len(statuses) - 2
