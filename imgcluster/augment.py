@@ -347,20 +347,14 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _hsv_to_rgb(
     h: torch.Tensor, s: torch.Tensor, v: torch.Tensor, clip: bool = True
 ) -> torch.Tensor:
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    # sector i takes (r, g, b) from these columns, as colorsys.hsv_to_rgb
-    table = torch.stack(
-        [
-            torch.stack([v, q, p, p, t, v], 1),
-            torch.stack([t, v, v, q, p, p], 1),
-            torch.stack([p, p, t, v, v, q], 1),
-        ],
-        1,
-    )  # N×3×6×H×W
-    index = i[:, None, None].expand(-1, 3, 1, -1, -1)
-    rgb = table.gather(2, index).squeeze(2)
+    """colorsys.hsv_to_rgb in closed form: channel c(n) = v − v·s·clamp(min(k, 4 − k), 0, 1),
+    k = (n + 6h) mod 6, with n = 5, 3, 1 for r, g, b. The same numbers as the sector table
+    (p, q, t) without building it: a sixth of the memory traffic, several times faster on
+    a CPU. Offsets are Python numbers: a tensor of them would be a host-to-device copy."""
+    h6, vs = h * 6.0, v * s
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        channels.append(v - vs * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    rgb = torch.stack(channels, 1)
     return rgb.clamp_(0, 1) if clip else rgb
