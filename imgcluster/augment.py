@@ -349,8 +349,8 @@ def _hsv_to_rgb(
 ) -> torch.Tensor:
     """colorsys.hsv_to_rgb in closed form: channel c(n) = v − v·s·clamp(min(k, 4 − k), 0, 1),
     k = (n + 6h) mod 6, with n = 5, 3, 1 for r, g, b. The same numbers as the sector table
-    (p, q, t) without building it: a sixth of the memory traffic, several times faster on
-    a CPU. Offsets are Python numbers: a tensor of them would be a host-to-device copy."""
+    (p, q, t) without building it (N×3×6×H×W) and gathering from it. Offsets are Python
+    numbers: a tensor of them would be a host-to-device copy."""
     h6, vs = h * 6.0, v * s
     channels = []
     for n in (5.0, 3.0, 1.0):
