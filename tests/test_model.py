@@ -87,3 +87,23 @@ def test_method_config_validation() -> None:
         cls(0)
     with pytest.raises(UsageError, match="unknown method"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("n", [20, 132])
+def test_kmeans_trains_on_fewer_images_than_pca_axes(n: int) -> None:
+    """20 images cannot give 128 principal axes (no projection then: the pixels keep their
+    distances); 132 give them, with fewer than the 10 extra axes the randomised SVD asks for."""
+    from imgcluster.methods.kmeans import fit_pixel_pca
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 3, 40, 40), dtype=np.uint8)  # 4,800 pixels: the SVD path
+    pca = fit_pixel_pca(images, 128)
+    if n <= 128:
+        assert pca.out_dim == 0
+    else:
+        c = pca.components
+        assert c.shape == (128, 4800)
+        assert torch.allclose(c @ c.T, torch.eye(128), atol=1e-4)
+    cls = get_method("kmeans")
+    model = cls(3, cls.make_config({})).fit(images, FitContext())
+    assert set(model.predict(images)) <= {0, 1, 2} and len(model.predict(images)) == n

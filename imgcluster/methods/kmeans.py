@@ -126,9 +126,11 @@ class KMeans(Method):
 
 def fit_pixel_pca(images: np.ndarray, dim: int, seed: int = 0) -> PixelPCA:
     """PixelPCA fitted on a seeded sample of ``images``: ``dim`` principal axes of the pixels
-    scaled to [0, 1] (no projection when ``dim`` is 0 or not smaller than the pixel count)."""
+    scaled to [0, 1]. No projection when ``dim`` is 0, not smaller than the pixel count, or
+    not smaller than the number of images: n images span at most n − 1 axes, and their
+    distances (all k-means sees) are the same in that span as in the pixels."""
     d = int(np.prod(images.shape[1:]))
-    out = dim if 0 < dim < d else 0
+    out = dim if 0 < dim < min(d, len(images)) else 0
     embedder = PixelPCA(d, out)
     if out == 0:
         return embedder
@@ -144,7 +146,8 @@ def fit_pixel_pca(images: np.ndarray, dim: int, seed: int = 0) -> PixelPCA:
     else:  # randomised SVD, seeded
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        _, _, v = torch.svd_lowrank(x, q=out + 10, niter=4)
+        # oversampled by 10 axes, as many as the sample and the pixels allow
+        _, _, v = torch.svd_lowrank(x, q=min(out + 10, n_fit, d), niter=4)
         torch.random.set_rng_state(gen_state)
         components = v[:, :out].T
     embedder.mean.copy_(mean)
