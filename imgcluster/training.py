@@ -490,9 +490,14 @@ def _with_shortcuts(
         if value is None:
             continue
         if key not in names:
-            raise UsageError(f"method {method_cls.name} has no {key} setting")
+            raise UsageError(f"method {method_cls.name} has no {key} setting" + _kin(key, names))
         merged[key] = value
     return merged
+
+
+def _kin(key: str, names: set[str]) -> str:
+    """A hint where the method counts its length in steps, not epochs (ADC)."""
+    return "; its length is --param steps=N" if key == "epochs" and "steps" in names else ""
 
 
 def _settings(job: _Job, decoded: cache.Decoded) -> dict[str, Any]:

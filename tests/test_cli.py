@@ -120,6 +120,12 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], toy: Path, tmp_path:
         assert "Traceback" not in result.output
 
 
+def test_epochs_for_a_method_counted_in_steps_names_what_to_set(toy: Path) -> None:
+    result = run("train", toy, "--k", "3", "--method", "adc", "--epochs", "2")
+    assert result.exit_code == 2
+    assert "adc has no epochs setting; its length is --param steps=N" in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_gpu_is_a_usage_error(toy: Path) -> None:
     result = run("train", toy, "--k", "3", "--device", "cuda")
