@@ -106,19 +106,27 @@ def _folder_class(path: str, root: Path) -> str:
 
 
 def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str | None]:
-    table = _read_truth(path)
+    rows = _read_truth(path)
     key_of = {_key(labels.root, p): i for i, p in enumerate(labels.paths)}
     for i, p in enumerate(labels.sources or []):  # an export's: the originals' paths count too
         key_of.setdefault(_key(labels.root, p), i)
-    unknown = [p for p in table if _key(labels.root, p) not in key_of]
+    unknown = [p for _, p, _ in rows if _key(labels.root, p) not in key_of]
     if unknown:
         raise UsageError(
             f"{show_path(path)}: {len(unknown)} path(s) are not in the labels, "
             f"e.g. {show_path(unknown[0])}"
         )
     out: list[str | None] = [None] * len(labels)
-    for p, label in table.items():
-        out[key_of[_key(labels.root, p)]] = label
+    first: dict[int, int] = {}  # image -> the line that gave its class
+    for line, p, label in rows:
+        i = key_of[_key(labels.root, p)]
+        if out[i] is not None and out[i] != label:
+            raise UsageError(
+                f"{show_path(path)}: line {line} gives {p} the class {label!r}, "
+                f"line {first[i]} gave it {out[i]!r}"
+            )
+        out[i] = label
+        first.setdefault(i, line)
     missing = out.count(None)
     if missing:
         reporter.warn(
@@ -132,9 +140,11 @@ def _key(root: Path, p: str) -> str:
     return os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
 
 
-def _read_truth(path: Path) -> dict[str, str]:
+def _read_truth(path: Path) -> list[tuple[int, str, str]]:
+    """(line, path, class) of each row; a byte-order mark (spreadsheets write one) is
+    skipped, blank lines too, and a row without both a path and a class is an error."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             reader = csv.reader(fh)
             header = [h.strip() for h in next(reader, [])]
             if header[:2] != ["path", "label"]:
@@ -142,10 +152,16 @@ def _read_truth(path: Path) -> dict[str, str]:
                     f"{show_path(path)}: ground truth needs the columns path,label; "
                     f"found {','.join(header)!r}"
                 )
-            table = {row[0]: row[1] for row in reader if len(row) >= 2}
-            if not table:
+            rows = []
+            for row in reader:
+                if not any(f.strip() for f in row):
+                    continue
+                if len(row) < 2 or not row[0] or not row[1]:
+                    raise UsageError(f"{show_path(path)}: line {reader.line_num} is not path,label")
+                rows.append((reader.line_num, row[0], row[1]))
+            if not rows:
                 raise UsageError(f"{show_path(path)}: no rows (path,label) after the header")
-            return table
+            return rows
     except FileNotFoundError:
         raise UsageError(
             f"{show_path(path)}: ground-truth file not found "

@@ -186,7 +186,8 @@ def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     """The rows after the header, each with the file line it ends on (blank lines and
     quoted line breaks make the two counts differ); a ``source`` column after the four
     (an export's) is kept as a fifth field, any other extra column dropped."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    # utf-8-sig: a labels file saved again by a spreadsheet starts with a byte-order mark
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header[:4]) != COLUMNS:

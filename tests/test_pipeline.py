@@ -144,6 +144,25 @@ def test_evaluate_with_a_truth_csv_and_without_truth(toy: Path, tmp_path: Path) 
         evaluate(run / "labels.csv", truth=str(truth))
 
 
+def test_truth_csv_from_a_spreadsheet_and_rows_that_disagree(toy: Path, tmp_path: Path) -> None:
+    run = train([toy], 3, out=tmp_path / "run").run_dir
+    first, second = (r["path"] for r in _rows(run / "labels.csv")[:2])
+    truth = tmp_path / "truth.csv"
+    # a byte-order mark and CRLF, as spreadsheets save "CSV UTF-8"; blank lines; one image
+    # twice, spelled two ways, with the same class
+    truth.write_bytes(f"\ufeffpath,label\r\n\r\n{first},A\r\n./{first},A\r\n".encode())
+    assert evaluate(run / "labels.csv", truth=str(truth)).scored == 1
+    truth.write_text(f"path,label\n{first},A\n{second},B\n./{first},B\n")
+    with pytest.raises(UsageError, match=r"truth\.csv: line 4 gives \./.* 'B', line 2 gave it 'A'"):
+        evaluate(run / "labels.csv", truth=str(truth))
+    truth.write_text(f"path,label\n{first},A\n{second}\n")
+    with pytest.raises(UsageError, match=r"truth\.csv: line 3 is not path,label"):
+        evaluate(run / "labels.csv", truth=str(truth))
+    labels = (run / "labels.csv").read_text()
+    (run / "labels.csv").write_bytes(b"\xef\xbb\xbf" + labels.encode())  # saved again by one
+    assert evaluate(run / "labels.csv", truth="none").sizes == {0: 12, 1: 12, 2: 12}
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
