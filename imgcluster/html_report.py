@@ -21,10 +21,10 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_write_text
-from .errors import UsageError
 from .evaluation import Evaluation, evaluate
 from .labels import Labels, read_labels
 from .report import Reporter, show_path
+from .runs import unfinished
 from .sheets import cluster_members, thumbnail
 
 _PALETTE = [
@@ -73,7 +73,7 @@ def build_report(
     run = Path(run)
     reporter = reporter or Reporter(quiet=True)
     if not (run / "labels.csv").is_file():
-        raise UsageError(f"{show_path(run)}: not a finished run folder (no labels.csv)")
+        raise unfinished(run, "labels.csv")
     labels = read_labels(run / "labels.csv")
     scores = evaluate(run / "labels.csv", truth=truth, reporter=reporter)
     members = cluster_members(labels)

@@ -21,6 +21,7 @@ import numpy as np
 from .atomic import atomic_open, atomic_path
 from .errors import UsageError
 from .report import show_path
+from .runs import unfinished
 
 if TYPE_CHECKING:  # importing search loads torch and faiss; export and evaluate need neither
     from .search import Assignment
@@ -129,6 +130,8 @@ def read_labels(path: Path, root: Path | None = None) -> Labels:
     the four), else the current folder.
     """
     path = labels_path(path)
+    if path.is_dir():
+        raise unfinished(path, "labels.csv")
     try:
         rows = _read_rows(path)
     except FileNotFoundError:

@@ -28,6 +28,7 @@ from torch import nn
 from .atomic import atomic_path, atomic_write_text
 from .errors import UsageError
 from .report import show_path
+from .runs import unfinished
 from .search import METRICS, Assignment, nearest
 
 MODEL_FORMAT = "imgcluster-model"
@@ -199,9 +200,7 @@ def _read_description(path: Path) -> dict[str, Any]:
     try:
         desc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(
-            f"{show_path(path)}: not found; is this a finished imgcluster run folder?"
-        ) from None
+        raise _not_found(path) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{show_path(path)}: not a readable model description ({exc})") from None
     checks: list[tuple[str, Callable[[Any], bool]]] = [
@@ -228,6 +227,12 @@ def _read_description(path: Path) -> dict[str, Any]:
     return desc
 
 
+def _not_found(path: Path) -> UsageError:
+    if path.parent.is_dir():
+        return unfinished(path.parent, path.name)
+    return UsageError(f"{show_path(path.parent)}: no such run folder")
+
+
 def _valid_prep(p: dict[str, Any]) -> bool:
     return (
         isinstance(p.get("image_size"), int)
@@ -240,9 +245,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise UsageError(
-            f"{show_path(path)}: not found; is this a finished imgcluster run folder?"
-        ) from None
+        raise _not_found(path) from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"{show_path(path)}: not a valid safetensors file ({exc})") from None
 

@@ -205,6 +205,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def unfinished(folder: Path, missing: str) -> UsageError:
+    """The error for a folder that is not a finished run folder (``missing`` is not in it),
+    saying how to go on when it is a run stopped part-way (its checkpoint is there)."""
+    msg = f"{show_path(folder)}: not a finished run folder (no {missing})"
+    if (folder / "checkpoint.safetensors").is_file():  # engine.CHECKPOINT, without torch
+        msg += (
+            f"; it stopped part-way: continue with: imgcluster train --resume {show_path(folder)}"
+        )
+    return UsageError(msg)
+
+
 def run_name(root: Path, method: str) -> str:
     base = "".join(c if c.isalnum() or c in "-_." else "_" for c in root.name) or "images"
     return f"{base}-{method}"

@@ -69,8 +69,10 @@ def test_loading_checks_tensor_shapes(fitted, tmp_path: Path) -> None:  # type: 
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="not found"):
+    with pytest.raises(UsageError, match="nothing: no such run folder"):
         ClusterModel.load(tmp_path / "nothing")
+    with pytest.raises(UsageError, match=r"not a finished run folder \(no model\.json\)$"):
+        ClusterModel.load(tmp_path)
 
 
 def test_method_config_validation() -> None:

@@ -205,6 +205,10 @@ def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(toy: Path, tmp_path: P
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert f"continue with: imgcluster train --resume {run}" in err
+    for cmd in (["assign", run, toy], ["evaluate", run], ["export", run, "--to", tmp_path / "x"]):
+        used = subprocess.run([*EXE, *cmd], capture_output=True, text=True)
+        assert used.returncode == 2 and "not a finished run folder" in used.stderr
+        assert f"continue with: imgcluster train --resume {run}" in used.stderr
     done = _pretrain_epochs(run)
     resumed = subprocess.Popen(
         [*EXE, "train", "--resume", run, "-q"], stderr=subprocess.PIPE, text=True
