@@ -490,12 +490,13 @@ def _with_shortcuts(
         if value is None:
             continue
         if key not in names:
-            raise UsageError(f"method {method_cls.name} has no {key} setting" + _kin(key, names))
+            hint = _length_hint(key, names)
+            raise UsageError(f"method {method_cls.name} has no {key} setting{hint}")
         merged[key] = value
     return merged
 
 
-def _kin(key: str, names: set[str]) -> str:
+def _length_hint(key: str, names: set[str]) -> str:
     """A hint where the method counts its length in steps, not epochs (ADC)."""
     return "; its length is --param steps=N" if key == "epochs" and "steps" in names else ""
 
