@@ -37,8 +37,8 @@ from torch import nn
 from . import rng
 from .atomic import atomic_path
 from .report import Reporter
+from .runs import CHECKPOINT
 
-CHECKPOINT = "checkpoint.safetensors"
 _AUTO_CHECKPOINT_S = 120.0  # default: a checkpoint at most this often, at epoch ends
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .report import show_path
+from .runs import CHECKPOINT
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _GLOB_CHARS = set("*?[")
@@ -65,8 +66,7 @@ class ImageList:
 def is_run_folder(path: str) -> bool:
     """A folder ``train`` wrote (or is writing): its config.toml beside a model or checkpoint."""
     return os.path.isfile(os.path.join(path, "config.toml")) and any(
-        os.path.isfile(os.path.join(path, name))
-        for name in ("model.json", "checkpoint.safetensors")
+        os.path.isfile(os.path.join(path, name)) for name in ("model.json", CHECKPOINT)
     )
 
 

@@ -6,6 +6,7 @@
         embeddings.npy                  float32 N×D, rows aligned with labels.csv
         config.toml                     every setting, resolved, so the run can be repeated
         train.log.jsonl                 one JSON object per epoch / phase
+        checkpoint.safetensors          a run stopped part-way: what --resume goes on from
 
 Every file is written under a temporary name and renamed, so a killed run never
 leaves a half-written file under a final name. An existing run is never
@@ -32,6 +33,7 @@ from .errors import UsageError
 from .report import show_path
 
 FINAL_FILES = ("model.safetensors", "model.json", "labels.csv")
+CHECKPOINT = "checkpoint.safetensors"
 
 
 class RunFolder:
@@ -209,11 +211,14 @@ def unfinished(folder: Path, missing: str) -> UsageError:
     """The error for a folder that is not a finished run folder (``missing`` is not in it),
     saying how to go on when it is a run stopped part-way (its checkpoint is there)."""
     msg = f"{show_path(folder)}: not a finished run folder (no {missing})"
-    if (folder / "checkpoint.safetensors").is_file():  # engine.CHECKPOINT, without torch
-        msg += (
-            f"; it stopped part-way: continue with: imgcluster train --resume {show_path(folder)}"
-        )
+    if (folder / CHECKPOINT).is_file():
+        msg += f"; it stopped part-way: {continue_with(show_path(folder))}"
     return UsageError(msg)
+
+
+def continue_with(folder: Path | str) -> str:
+    """How to go on with a run stopped part-way."""
+    return f"continue with: imgcluster train --resume {folder}"
 
 
 def run_name(root: Path, method: str) -> str:

@@ -22,7 +22,7 @@ from .labels import Labels, write_labels, write_parquet
 from .methods import FitContext, Method, get_method
 from .model import ClusterModel, Preprocessing, versions
 from .report import Reporter, show_path
-from .runs import RunFolder, run_name
+from .runs import RunFolder, continue_with, run_name
 from .search import nearest
 from .sheets import write_sheets
 
@@ -327,9 +327,7 @@ def _fit_and_write(
             run.abandon()
             raise
         run.keep_partial()
-        raise Interrupted(
-            f"interrupted; continue with: imgcluster train --resume {run.path}"
-        ) from None
+        raise Interrupted(f"interrupted; {continue_with(run.path)}") from None
     except BaseException:
         if checkpoint.exists():
             run.keep_partial()  # resumable once the cause is fixed

@@ -107,5 +107,5 @@ def test_kmeans_trains_on_fewer_images_than_pca_axes(n: int) -> None:
         assert c.shape == (128, 4800)
         assert torch.allclose(c @ c.T, torch.eye(128), atol=1e-4)
     cls = get_method("kmeans")
-    model = cls(3, cls.make_config({})).fit(images, FitContext())
-    assert set(model.predict(images)) <= {0, 1, 2} and len(model.predict(images)) == n
+    labels = cls(3, cls.make_config({})).fit(images, FitContext()).predict(images)
+    assert set(labels) <= {0, 1, 2} and len(labels) == n
