@@ -329,7 +329,7 @@ def assign(
         )
         if not quiet:
             _err.print(
-                f"{result.images} images assigned, {len(result.skipped)} skipped"
+                f"{_images(result.images)} assigned, {len(result.skipped)} skipped"
                 + (f"; labels in {out}" if out else ""),
                 markup=False,
             )
@@ -434,7 +434,7 @@ def export(
             n = result.already_there
             there = f", {n} of them already there" if n else ""
             _out.print(
-                f"{result.exported} images exported to {result.to} ({mode}){there}; "
+                f"{_images(result.exported)} exported to {result.to} ({mode}){there}; "
                 f"{len(result.skipped)} skipped; labels in {result.labels_file}",
                 markup=False,
             )
@@ -503,6 +503,11 @@ def methods_command(as_json: AsJson = False, debug: Debug = False) -> None:
     _run(debug, work)
 
 
+def _images(n: int) -> str:
+    """'1 image', '3 images': assign and export often see a single image."""
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
 def _sizes_table(sizes: dict[int, int]) -> Table:
     table = Table("cluster", "images", "share", box=None, pad_edge=False)
     total = sum(sizes.values()) or 1
@@ -515,7 +520,7 @@ def _print_evaluation(r: Any) -> None:
     if r.acc is not None:
         source = "folder names" if r.truth in ("auto", "folders") else r.truth
         _out.print(
-            f"ground truth: {source} ({len(r.classes)} classes, {r.scored} images scored)",
+            f"ground truth: {source} ({len(r.classes)} classes, {_images(r.scored)} scored)",
             markup=False,
         )
         _out.print(f"ACC {r.acc:.4f}   NMI {r.nmi:.4f}   ARI {r.ari:.4f}")
@@ -523,7 +528,7 @@ def _print_evaluation(r: Any) -> None:
         _out.print("no ground truth: label-free scores only")
     sil = "n/a" if r.silhouette is None else f"{r.silhouette:.4f}"
     _out.print(
-        f"{r.images} images in {r.clusters} clusters; size balance {r.balance:.3f}, "
+        f"{_images(r.images)} in {r.clusters} clusters; size balance {r.balance:.3f}, "
         f"mean confidence {r.mean_confidence:.3f}, silhouette {sil}"
     )
     if r.confusion is None:

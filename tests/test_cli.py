@@ -84,6 +84,12 @@ def test_assign_reads_paths_from_stdin(trained: Path, toy: Path) -> None:
     assert len(list(csv.DictReader(result.stdout.splitlines()))) == 5
 
 
+def test_assign_one_image_says_image(trained: Path, toy: Path) -> None:
+    one = run("assign", trained, sorted(toy.rglob("*.png"))[0])
+    assert one.exit_code == 0, one.output
+    assert "1 image assigned, 0 skipped" in one.stderr
+
+
 def test_methods_lists_every_method() -> None:
     result = run("methods")
     names = [line.split()[0] for line in result.stdout.splitlines()]
