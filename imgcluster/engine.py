@@ -306,12 +306,6 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def scaled_lr(lr: float, batch_size: int, base_batch_size: int, rule: str = "linear") -> float:
-    """The learning rate for ``batch_size`` when ``lr`` was tuned at ``base_batch_size``."""
-    ratio = batch_size / base_batch_size
-    return lr * (ratio if rule == "linear" else ratio**0.5)
-
-
 # -- data on the device -----------------------------------------------------------------------
 
 

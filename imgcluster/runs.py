@@ -32,7 +32,6 @@ from .atomic import atomic_path, atomic_write_text
 from .errors import UsageError
 from .report import show_path
 
-FINAL_FILES = ("model.safetensors", "model.json", "labels.csv")
 CHECKPOINT = "checkpoint.safetensors"
 
 
