@@ -20,6 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import ImgclusterError, UsageError
+from .report import Reporter, count_images
 
 app = typer.Typer(
     name="imgcluster",
@@ -113,9 +114,7 @@ def _run(debug: bool, work: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-def _reporter(quiet: bool):  # type: ignore[no-untyped-def]
-    from .report import Reporter
-
+def _reporter(quiet: bool) -> Reporter:
     return Reporter(quiet=quiet, console=_err)
 
 
@@ -329,7 +328,7 @@ def assign(
         )
         if not quiet:
             _err.print(
-                f"{_images(result.images)} assigned, {len(result.skipped)} skipped"
+                f"{count_images(result.images)} assigned, {len(result.skipped)} skipped"
                 + (f"; labels in {out}" if out else ""),
                 markup=False,
             )
@@ -434,7 +433,7 @@ def export(
             n = result.already_there
             there = f", {n} of them already there" if n else ""
             _out.print(
-                f"{_images(result.exported)} exported to {result.to} ({mode}){there}; "
+                f"{count_images(result.exported)} exported to {result.to} ({mode}){there}; "
                 f"{len(result.skipped)} skipped; labels in {result.labels_file}",
                 markup=False,
             )
@@ -503,11 +502,6 @@ def methods_command(as_json: AsJson = False, debug: Debug = False) -> None:
     _run(debug, work)
 
 
-def _images(n: int) -> str:
-    """'1 image', '3 images': assign and export often see a single image."""
-    return f"{n} image" if n == 1 else f"{n} images"
-
-
 def _sizes_table(sizes: dict[int, int]) -> Table:
     table = Table("cluster", "images", "share", box=None, pad_edge=False)
     total = sum(sizes.values()) or 1
@@ -520,7 +514,7 @@ def _print_evaluation(r: Any) -> None:
     if r.acc is not None:
         source = "folder names" if r.truth in ("auto", "folders") else r.truth
         _out.print(
-            f"ground truth: {source} ({len(r.classes)} classes, {_images(r.scored)} scored)",
+            f"ground truth: {source} ({len(r.classes)} classes, {count_images(r.scored)} scored)",
             markup=False,
         )
         _out.print(f"ACC {r.acc:.4f}   NMI {r.nmi:.4f}   ARI {r.ari:.4f}")
@@ -528,7 +522,7 @@ def _print_evaluation(r: Any) -> None:
         _out.print("no ground truth: label-free scores only")
     sil = "n/a" if r.silhouette is None else f"{r.silhouette:.4f}"
     _out.print(
-        f"{_images(r.images)} in {r.clusters} clusters; size balance {r.balance:.3f}, "
+        f"{count_images(r.images)} in {r.clusters} clusters; size balance {r.balance:.3f}, "
         f"mean confidence {r.mean_confidence:.3f}, silhouette {sil}"
     )
     if r.confusion is None:

@@ -36,6 +36,11 @@ def show_path(path: object) -> str:
     return "".join(out)
 
 
+def count_images(n: int) -> str:
+    """'1 image', '3 images': one-image clusters and single-file assigns are common."""
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
 class Task:
     """One progress bar; ``advance`` moves it and ``info`` sets the text after it."""
 

@@ -10,11 +10,13 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from imgcluster import train
-from imgcluster.html_report import build_report
+from imgcluster.html_report import _gallery, build_report
+from imgcluster.labels import read_labels
 
 
 class _Page(HTMLParser):
@@ -54,6 +56,12 @@ def test_report_is_self_contained_and_shows_every_cluster(report: Path) -> None:
     assert len(page.images) >= 36
     Image.open(io.BytesIO(base64.b64decode(page.images[0].split(",", 1)[1]))).verify()
     assert "ACC 1.0000" in text and "Training curves" in text and "Map of the embeddings" in text
+
+
+def test_gallery_counts_one_image_in_the_singular(report: Path) -> None:
+    labels = read_labels(report.parent / "labels.csv")
+    assert "(1 image)" in _gallery(0, np.array([0]), labels, 24)
+    assert "(2 images)" in _gallery(0, np.array([0, 1]), labels, 24)
 
 
 def test_report_loads_in_a_headless_browser(report: Path, tmp_path: Path) -> None:
