@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import ImgclusterError, UsageError
-from .report import Reporter, count_images
+from .report import Reporter, counted
 
 app = typer.Typer(
     name="imgcluster",
@@ -274,10 +274,10 @@ def train(
             curve = "  ".join(f"{k}:{v:.3f}" for k, v in result.auto_k["scores"].items())
             _out.print(f"K = {result.k} chosen by silhouette over {curve}", markup=False)
         _out.print(
-            f"{result.images} images clustered into {result.k} groups by {result.method} "
-            f"on {result.device} in {result.seconds:.1f} s "
-            f"({result.image_size} px, {result.channels} channel(s)); "
-            f"{result.skipped} file(s) skipped",
+            f"{counted(result.images, 'image')} clustered into {counted(result.k, 'group')} "
+            f"by {result.method} on {result.device} in {result.seconds:.1f} s "
+            f"({result.image_size} px, {counted(result.channels, 'channel')}); "
+            f"{counted(result.skipped, 'file')} skipped",
             markup=False,
         )
         _out.print(_sizes_table(dict(enumerate(result.sizes))))
@@ -328,7 +328,7 @@ def assign(
         )
         if not quiet:
             _err.print(
-                f"{count_images(result.images)} assigned, {len(result.skipped)} skipped"
+                f"{counted(result.images, 'image')} assigned, {len(result.skipped)} skipped"
                 + (f"; labels in {out}" if out else ""),
                 markup=False,
             )
@@ -433,7 +433,7 @@ def export(
             n = result.already_there
             there = f", {n} of them already there" if n else ""
             _out.print(
-                f"{count_images(result.exported)} exported to {result.to} ({mode}){there}; "
+                f"{counted(result.exported, 'image')} exported to {result.to} ({mode}){there}; "
                 f"{len(result.skipped)} skipped; labels in {result.labels_file}",
                 markup=False,
             )
@@ -514,7 +514,8 @@ def _print_evaluation(r: Any) -> None:
     if r.acc is not None:
         source = "folder names" if r.truth in ("auto", "folders") else r.truth
         _out.print(
-            f"ground truth: {source} ({len(r.classes)} classes, {count_images(r.scored)} scored)",
+            f"ground truth: {source} ({counted(len(r.classes), 'class', 'classes')}, "
+            f"{counted(r.scored, 'image')} scored)",
             markup=False,
         )
         _out.print(f"ACC {r.acc:.4f}   NMI {r.nmi:.4f}   ARI {r.ari:.4f}")
@@ -522,7 +523,8 @@ def _print_evaluation(r: Any) -> None:
         _out.print("no ground truth: label-free scores only")
     sil = "n/a" if r.silhouette is None else f"{r.silhouette:.4f}"
     _out.print(
-        f"{count_images(r.images)} in {r.clusters} clusters; size balance {r.balance:.3f}, "
+        f"{counted(r.images, 'image')} in {counted(r.clusters, 'cluster')}; "
+        f"size balance {r.balance:.3f}, "
         f"mean confidence {r.mean_confidence:.3f}, silhouette {sil}"
     )
     if r.confusion is None:

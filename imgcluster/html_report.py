@@ -23,7 +23,7 @@ from PIL import Image
 from .atomic import atomic_write_text
 from .evaluation import Evaluation, evaluate
 from .labels import Labels, read_labels
-from .report import Reporter, count_images, show_path
+from .report import Reporter, counted, show_path
 from .runs import unfinished
 from .sheets import cluster_members, thumbnail
 
@@ -151,7 +151,8 @@ def _scores(ev: Evaluation) -> str:
     )
     return (
         f"<h2>Scores</h2><p><b>ACC {ev.acc:.4f} &nbsp; NMI {ev.nmi:.4f} &nbsp; ARI {ev.ari:.4f}"
-        f"</b> against {html.escape(_truth_name(ev.truth))} ({count_images(ev.scored)})</p>{free}"
+        f"</b> against {html.escape(_truth_name(ev.truth))} "
+        f"({counted(ev.scored, 'image')})</p>{free}"
         f"<table><tr><th>cluster</th><th>matched class</th>{head}</tr>{body}</table>"
     )
 
@@ -257,6 +258,6 @@ def _gallery(c: int, rows: np.ndarray, labels: Labels, per_cluster: int) -> str:
     imgs = "".join(_thumb_tag(labels, int(r)) for r in rows[:per_cluster])
     return (
         f"<section class=cluster id=cluster-{c} data-cluster='{c}'><h3>cluster {c} "
-        f"<span class=muted>({count_images(len(rows))})</span></h3>"
+        f"<span class=muted>({counted(len(rows), 'image')})</span></h3>"
         f"<div class=gallery>{imgs}</div></section>"
     )

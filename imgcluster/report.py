@@ -36,9 +36,9 @@ def show_path(path: object) -> str:
     return "".join(out)
 
 
-def count_images(n: int) -> str:
-    """'1 image', '3 images': one-image clusters and single-file assigns are common."""
-    return f"{n} image" if n == 1 else f"{n} images"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 image', '3 images': one-image clusters, single-file assigns and K = 1 do happen."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 
 class Task:

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from .atomic import atomic_path
 from .decode import DecodeError, decode
 from .labels import Labels
-from .report import Reporter, count_images
+from .report import Reporter, counted
 
 THUMB = 64
 _PAD = 4
@@ -61,7 +61,7 @@ def write_sheets(
         for c, idx in members.items():
             typical = list(idx[: columns * rows])
             odd = [i for i in idx[::-1][:strip] if i not in set(typical)][::-1]
-            title = f"cluster {c}: {count_images(len(idx))}"
+            title = f"cluster {c}: {counted(len(idx), 'image')}"
             sheet = _sheet(title, typical, odd, columns, thumbs.get)
             written.append(_save(sheet, folder / f"cluster_{c:0{width}d}.png"))
             bar.advance()

@@ -39,6 +39,13 @@ def test_train_prints_a_summary(toy: Path, tmp_path: Path) -> None:
     assert "decoding" in result.stderr  # progress goes to stderr
 
 
+def test_train_summary_counts_one_in_the_singular(toy: Path, tmp_path: Path) -> None:
+    result = run("train", toy, "--k", 1, "--out", tmp_path / "r", "--no-sheets")
+    assert result.exit_code == 0, result.output
+    assert "36 images clustered into 1 group by kmeans" in result.stdout
+    assert "0 files skipped" in result.stdout
+
+
 def test_train_json_and_quiet(toy: Path, tmp_path: Path) -> None:
     result = run("train", toy, "-k", 3, "--out", tmp_path / "r", "--json", "--quiet")
     assert result.exit_code == 0 and result.stderr == ""
@@ -171,7 +178,7 @@ def test_bad_files_warn_once_each_and_are_counted(toy: Path, tmp_path: Path) -> 
     assert result.exit_code == 0
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == len(bad)
-    assert f"{len(bad)} file(s) skipped" in result.stdout
+    assert f"{len(bad)} files skipped" in result.stdout
 
 
 def test_debug_shows_the_traceback(toy: Path) -> None:

@@ -57,7 +57,7 @@ def test_train_assign_export_over_a_hostile_folder(hostile, tmp_path: Path) -> N
     assert trained.exit_code == 0, trained.output
     _warned(trained.stderr, bad)
     assert f"{len(good)} images clustered" in trained.stdout
-    assert f"{len(bad)} file(s) skipped" in trained.stdout
+    assert f"{len(bad)} files skipped" in trained.stdout
     labels = read_labels(tmp_path / "run" / "labels.csv")
     assert set(labels.paths) == good
     assigned = cli("assign", tmp_path / "run", root, "--out", tmp_path / "a.csv")
