@@ -21,7 +21,7 @@ from .errors import Interrupted, UsageError
 from .labels import Labels, write_labels, write_parquet
 from .methods import FitContext, Method, get_method
 from .model import ClusterModel, Preprocessing, versions
-from .report import Reporter, show_path
+from .report import Reporter, counted, show_path
 from .runs import RunFolder, continue_with, run_name
 from .search import nearest
 from .sheets import write_sheets
@@ -176,7 +176,9 @@ def _load(
         clock.lap("choose_k")
     n = len(decoded.files)
     if n < job.k:
-        raise UsageError(f"{n} readable images are fewer than the {job.k} clusters asked for")
+        raise UsageError(
+            f"{job.k} clusters asked for, but only {counted(n, 'readable image')} to cluster"
+        )
     return found, decoded
 
 

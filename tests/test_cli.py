@@ -145,6 +145,14 @@ def test_cuda_without_gpu_is_a_usage_error(toy: Path) -> None:
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
 
 
+def test_too_few_images_for_k_counts_one_in_the_singular(toy: Path, tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    shutil.copy(sorted(toy.rglob("*.png"))[0], tmp_path / "one")
+    result = run("train", tmp_path / "one", "--k", 3)
+    assert result.exit_code == 2
+    assert "3 clusters asked for, but only 1 readable image to cluster" in result.stderr
+
+
 def test_empty_folder_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = run("train", tmp_path / "empty", "--k", 2)

@@ -23,7 +23,7 @@ from torch import nn
 from ..engine import Checkpointer
 from ..errors import UsageError
 from ..model import ClusterModel
-from ..report import Reporter
+from ..report import Reporter, counted
 
 
 @dataclass
@@ -94,7 +94,9 @@ class Method(ABC):
     def check_count(self, n: int) -> None:
         """UsageError unless there are at least K images (or feature rows) to cluster."""
         if n < self.k:
-            raise UsageError(f"{n} images are fewer than the {self.k} clusters asked for")
+            raise UsageError(
+                f"{self.k} clusters asked for, but only {counted(n, 'image')} to cluster"
+            )
 
     def fit(self, images: np.ndarray, ctx: FitContext) -> ClusterModel:
         """Train on ``images`` (uint8 N×C×H×W) and return the model."""
