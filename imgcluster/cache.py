@@ -80,9 +80,8 @@ def load_images(
         probes = _probe_all(found.files, store, pool, reporter)
         good = [f for f in found.files if isinstance(probes[f.rel], dec.Probe)]
         if not good:
-            raise UsageError(
-                f"{show_path(found.root)}: none of the {len(found)} files is a readable image"
-            )
+            none = _none_of(len(found), "is a readable image", "is not a readable image")
+            raise UsageError(f"{show_path(found.root)}: {none}")
         size = image_size or auto_image_size([probes[f.rel] for f in good], max_image_size)  # type: ignore[misc]
         chans = channels or (1 if all(probes[f.rel].grey for f in good) else 3)  # type: ignore[union-attr]
         images, kept, failed, reused = _decode_all(good, size, chans, store, pool, reporter)
@@ -93,9 +92,8 @@ def load_images(
     )
     _report_skipped(skipped, strict, reporter)
     if not kept:
-        raise UsageError(
-            f"{show_path(found.root)}: none of the {len(found)} files could be decoded"
-        )
+        none = _none_of(len(found), "could be decoded", "could not be decoded")
+        raise UsageError(f"{show_path(found.root)}: {none}")
     return Decoded(images, kept, skipped, found.root, size, chans, reused)
 
 
@@ -108,6 +106,12 @@ def auto_image_size(probes: Sequence[dec.Probe], most: int = dec.DEFAULT_MAX_SIZ
     """
     sides = sorted(min(p.width, p.height) for p in probes)
     return int(min(most, max(8, sides[len(sides) // 2])))
+
+
+def _none_of(n: int, does: str, does_not: str) -> str:
+    """'none of the 3 files is ...'; a one-file input's 'its one file is not ...' (not
+    'none of the 1 files')."""
+    return f"its one file {does_not}" if n == 1 else f"none of the {n} files {does}"
 
 
 def _check_params(image_size: int | None, channels: int | None) -> None:

@@ -25,7 +25,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+            n = torch.cuda.device_count()
+            raise UsageError(f"--device {name}: only {n} GPU{'' if n == 1 else 's'} here")
         # every network here sees batches of one shape, the case cuDNN's autotuner is for:
         # each convolution's fastest algorithm is timed once, at its first call
         torch.backends.cudnn.benchmark = True

@@ -22,7 +22,7 @@ import numpy as np
 from . import metrics
 from .errors import UsageError
 from .labels import Labels, labels_path, read_labels
-from .report import Reporter, show_path
+from .report import Reporter, counted, show_path
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str 
     unknown = [p for _, p, _ in rows if _key(labels.root, p) not in key_of]
     if unknown:
         raise UsageError(
-            f"{show_path(path)}: {len(unknown)} path(s) are not in the labels, "
+            f"{show_path(path)}: {_are(len(unknown), 'path')} not in the labels, "
             f"e.g. {show_path(unknown[0])}"
         )
     out: list[str | None] = [None] * len(labels)
@@ -130,10 +130,16 @@ def _truth_from_csv(labels: Labels, path: Path, reporter: Reporter) -> list[str 
     missing = out.count(None)
     if missing:
         reporter.warn(
-            f"{missing} labelled image(s) have no ground truth in {show_path(path)}; "
+            f"{counted(missing, 'labelled image')} {'has' if missing == 1 else 'have'} "
+            f"no ground truth in {show_path(path)}; "
             "scoring the others"
         )
     return out
+
+
+def _are(n: int, noun: str) -> str:
+    """'1 path is', '2 paths are'."""
+    return f"{counted(n, noun)} {'is' if n == 1 else 'are'}"
 
 
 def _key(root: Path, p: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .report import show_path
+from .report import counted, show_path
 from .runs import CHECKPOINT
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -58,7 +58,7 @@ class ImageList:
         n = len(self.left_out)
         first = show_path(os.path.normpath(self.left_out[0]))
         return (
-            f"left out {n} folder(s) imgcluster wrote inside the input (runs, exports of "
+            f"left out {counted(n, 'folder')} imgcluster wrote inside the input (runs, exports of "
             f"images still in place; e.g. {first}); name one to use its images"
         )
 

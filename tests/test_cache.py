@@ -87,8 +87,12 @@ def test_empty_folder_and_all_bad_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no image files"):
         _load(tmp_path / "empty", tmp_path / "c")
     make_bad_files(tmp_path / "bad")
-    with pytest.raises(UsageError, match="none of the"):
+    with pytest.raises(UsageError, match=r"bad: none of the 6 files could be decoded"):
         _load(tmp_path / "bad", tmp_path / "c")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "notes.png").write_text("not an image\n")
+    with pytest.raises(UsageError, match="one: its one file is not a readable image"):
+        _load(tmp_path / "one", tmp_path / "c")
 
 
 def test_without_cache_nothing_is_written(toy: Path, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_train_again_in_the_photo_folder_sees_only_the_photos(toy: Path, tmp_pat
     summary = json.loads(again.stdout)
     assert summary["images"] == 36  # not the contact sheets, not the copies
     assert sorted(Path(p).name for p in summary["left_out"]) == [labels.parent.name, "sorted"]
-    assert "left out 2 folder(s) imgcluster wrote" in again.stderr
+    assert "left out 2 folders imgcluster wrote" in again.stderr
 
 
 def test_assign_reads_paths_from_stdin(trained: Path, toy: Path) -> None:

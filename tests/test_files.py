@@ -66,7 +66,7 @@ def test_folders_imgcluster_wrote_inside_an_input_are_left_out(tmp_path: Path) -
     # the copy export only repeats a.png; the move export holds the only copy of its image
     assert [f.rel for f in found.files] == ["a.png", "moved/cluster_00/a.png", "notes/b.png"]
     assert sorted(found.left_out) == sorted(map(str, (done, stopped, copied)))
-    assert "left out 3 folder(s) imgcluster wrote" in (found.left_out_note() or "")
+    assert "left out 3 folders imgcluster wrote" in (found.left_out_note() or "")
     named = find_images([done])  # a run folder named as the input is the user's choice
     assert [f.rel for f in named.files] == ["sheets/overview.png"]
     assert not named.left_out and named.left_out_note() is None

@@ -16,6 +16,7 @@ from imgcluster import assign, evaluate, export, train
 from imgcluster.errors import UsageError
 from imgcluster.exporting import place, rename_noreplace
 from imgcluster.labels import read_labels
+from imgcluster.report import Reporter, show_path
 
 from conftest import make_bad_files, make_toy_folder
 
@@ -127,8 +128,12 @@ def test_evaluate_with_a_truth_csv_and_without_truth(toy: Path, tmp_path: Path) 
         w.writerow(["path", "label"])
         for r in rows[:30]:  # some images without truth
             w.writerow([r["path"], r["path"].split("/")[0].upper()])
-    ev = evaluate(run / "labels.csv", truth=str(truth))
+    reporter = Reporter(quiet=True)
+    ev = evaluate(run / "labels.csv", truth=str(truth), reporter=reporter)
     assert ev.scored == 30 and ev.acc == 1.0 and ev.classes == ["CENTRE", "LEFT", "TOP"]
+    assert reporter.warnings == [
+        f"6 labelled images have no ground truth in {show_path(truth)}; scoring the others"
+    ]
     free = evaluate(run, truth="none")  # a run folder means its labels.csv
     assert (
         free.acc is None
@@ -137,7 +142,8 @@ def test_evaluate_with_a_truth_csv_and_without_truth(toy: Path, tmp_path: Path) 
     )
     with open(truth, "a") as fh:
         fh.write("not/there.png,X\n")
-    with pytest.raises(UsageError, match="not in the labels"):
+    unknown = r"truth\.csv: 1 path is not in the labels, e\.g\. not/there\.png"
+    with pytest.raises(UsageError, match=unknown):
         evaluate(run / "labels.csv", truth=str(truth))
     truth.write_text("path,label\n")  # a header alone: an error naming the file, no warning
     with pytest.raises(UsageError, match=r"truth\.csv: no rows"):
