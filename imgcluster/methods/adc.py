@@ -210,8 +210,9 @@ class ADCConfig:
     # how the augmentation's numbers are read (see ``augmentation``); auto: tf for colour, as
     # the authors' code; torchvision for grey, with which our digit results were measured
     augment: Literal["auto", "tf", "torchvision"] = "auto"
-    # how the crop and rotation resample (see ``augmentation``): affine, with which every
-    # result so far was measured; cv2, the authors' cv2 + TF 1 chain pixel for pixel
+    # how the crop and rotation resample (see ``augmentation``): affine, with which the digit
+    # results and most CIFAR-10 ones were measured; cv2, the authors' cv2 + TF 1 chain pixel
+    # for pixel (CIFAR-10 seeds in docs/methods.md)
     geometry: Literal["affine", "cv2"] = "affine"
     emb_size: int = 0  # 0 = 128 for the convnet, 64 for the ResNet (the authors' commands)
     centroids_per_cluster: int = 4  # m
