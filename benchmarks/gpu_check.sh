@@ -123,8 +123,8 @@ case "$issue" in
     # seeds 0 and 1 ran on the CPU (35,000 steps of 400 images, 3-4.5 h on 2 cores in bf16);
     # ADC has never run CIFAR-10 on a GPU, so how far one call gets is not known. order=fixed is the
     # default, named as seed 0's command named it (it ran before it was). ADC_PARAMS: more
-    # words for run.py, which win over these (the authors' cv2 geometry, whose seeds 0-1 ran
-    # on the CPU, seed 2 alone: ADC_PARAMS="--param geometry=cv2"; all three on the GPU:
+    # words for run.py, which win over these (the authors' cv2 geometry, whose seeds 0-2 ran
+    # on the CPU, 0.270 +- 0.008, again on the GPU:
     # ADC_PARAMS="--param geometry=cv2 --first-seed 0 --seeds 3").
     # The run folders live in the checkout's ignored .bench-work/, kept between calls, and a
     # run cut at the limit checkpoints there: the same command in the next call goes on
